@@ -1,0 +1,64 @@
+"""The ``sparc`` command: one typed function per subcommand (jsonargparse builds CLI and YAML schema).
+
+Errors caused by input print one line (``error: ...``) and exit with code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def _commands() -> dict:
+    from sparc_engine.attribute import attribute
+
+    return {"attribute": attribute}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("lightning", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SPARC_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        os.environ["SPARC_DEBUG"] = "1"  # spawned ranks re-read it
+    _quiet_libraries()
+    from jsonargparse import ArgumentParser, CLI
+    from jsonargparse import ArgumentError
+
+    from sparc_engine.errors import SparcError
+
+    try:
+        CLI(_commands(), args=argv, parser_class=ArgumentParser, exit_on_error=False,
+            description="SparC³: find and prune the Llama neurons that drive an unwanted behaviour.")
+    except SparcError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ArgumentError as e:
+        if debug:
+            raise
+        print("error: " + " ".join(str(e).split()) + " — see `sparc <command> --help`", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The attribution loop under Lightning Fabric.
+
+Parameters are frozen, so ranks hold replicas and need no DDP wrapper (DESIGN.md §7): each rank
+attributes its shard of the reference set, callbacks accumulate fp32 sums, and only the
+accumulators are all-reduced. Every ``checkpoint_every`` batches (and on SIGTERM) each rank writes
+its partial sums and position atomically; a rerun with the same arguments continues from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from callbacks.base import AttributionCallback, Batch
+from sparc_engine import __version__
+from sparc_engine.atomic import atomic_path
+from sparc_engine.data import TextSource
+from sparc_engine.errors import SparcError
+from sparc_engine.generation import continue_prompts
+from sparc_engine.models import LoadedModel, fingerprint
+from sparc_engine.scores import NeuronScores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FabricArgs:
+    """Where and how attribution runs."""
+
+    accelerator: str = "auto"
+    """``cpu``, ``cuda``/``gpu`` or ``auto``."""
+    devices: int | str = 1
+    """Processes (GPUs) per node."""
+    num_nodes: int = 1
+    """Nodes; under SLURM Fabric reads ranks from the environment."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """``ddp``: a replica per rank (parameters are frozen, so only accumulators are reduced);
+    ``fsdp``: shard the model when one GPU cannot hold it."""
+    precision: str | None = None
+    """Fabric precision; default ``bf16-true`` on GPU, ``32-true`` on CPU."""
+
+    def resolved_precision(self) -> str:
+        if self.precision:
+            return self.precision
+        return "bf16-true" if _wants_gpu(self.accelerator) else "32-true"
+
+
+def _wants_gpu(accelerator: str) -> bool:
+    if accelerator in ("cuda", "gpu"):
+        return True
+    return accelerator == "auto" and torch.cuda.is_available()
+
+
+def make_fabric(args: FabricArgs, callbacks=(), loggers=()):
+    from lightning.fabric import Fabric
+
+    if args.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise SparcError(f"accelerator={args.accelerator} was asked but no CUDA device is visible",
+                         "use accelerator=cpu or run on a GPU node")
+    strategy = args.strategy
+    if strategy == "fsdp":
+        from lightning.fabric.strategies import FSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type="full")
+    elif strategy == "ddp" and not _wants_gpu(args.accelerator):
+        strategy = "ddp"  # gloo on CPU
+    return Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
+                  precision=args.resolved_precision(), callbacks=list(callbacks), loggers=list(loggers))
+
+
+def launch(fabric, fn, *args):
+    """Start the processes when this process started alone; ``fabric run`` and ``srun`` start them
+    themselves and Fabric refuses a second launch."""
+    from lightning.fabric.connector import _is_using_cli
+
+    if _is_using_cli():
+        return fn(fabric, *args)
+    return fabric.launch(fn, *args)
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    first_target: int  # index of the first token whose logit is explained (1 for text)
+
+
+def prepare_samples(fabric, loaded: LoadedModel, source: TextSource, seq_len: int, max_new_tokens: int,
+                    batch_size: int) -> tuple[list[Sample], list[str] | None]:
+    """Token samples and, for prompts, the model's own greedy continuation (the explained tokens)."""
+    tokenized = source.samples(loaded.tokenizer, seq_len)
+    if not tokenized:
+        raise SparcError(f"reference set {source.name} is empty", "give a data source with at least one text")
+    if source.kind == "text":
+        return [Sample(ids, 1) for ids in tokenized if len(ids) > 1], None
+    # prompts: each rank continues its shard, then all ranks share the continuations
+    shard = list(range(fabric.global_rank, len(tokenized), fabric.world_size))
+    conts = continue_prompts(loaded.model, loaded.tokenizer, [tokenized[i] for i in shard], max_new_tokens,
+                             batch_size=batch_size)
+    everything = _gather_objects(fabric, list(zip(shard, conts)))
+    by_index = dict(everything)
+    conts = [by_index[i] for i in range(len(tokenized))]
+    samples = [Sample(p + c[: seq_len - len(p)], len(p)) for p, c in zip(tokenized, conts) if c]
+    if not samples:
+        raise SparcError(f"the model continued none of the prompts of {source.name}",
+                         "check the prompts and max_new_tokens")
+    return samples, [loaded.tokenizer.decode(c) for c in conts]
+
+
+def _gather_objects(fabric, obj: list) -> list:
+    if fabric.world_size == 1:
+        return obj
+    import torch.distributed as dist
+
+    parts = [None] * fabric.world_size
+    dist.all_gather_object(parts, obj)
+    return [x for part in parts for x in part]
+
+
+def shard_batches(n: int, rank: int, world: int, batch_size: int) -> list[list[int]]:
+    """This rank's sample indices in batches; every rank gets the same number of batches, and
+    positions past the end hold -1 (padding samples of weight 0, so FSDP ranks stay in step)."""
+    per_rank = math.ceil(n / world)
+    mine = [rank + world * k for k in range(per_rank)]
+    mine = [i if i < n else -1 for i in mine]
+    return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+
+
+def collate(samples: list[Sample], indices: list[int], pad_id: int, device) -> Batch:
+    rows = [samples[i] if i >= 0 else samples[0] for i in indices]
+    width = max(len(s.ids) for s in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, s in enumerate(rows):
+        ids[r, : len(s.ids)] = torch.tensor(s.ids)
+        attn[r, : len(s.ids)] = 1
+        target[r, s.first_target: len(s.ids)] = True
+    weight = torch.tensor([1.0 if i >= 0 else 0.0 for i in indices])
+    return Batch(ids.to(device), attn.to(device), target.to(device), weight.to(device))
+
+
+def forward_backward(model, batch: Batch, backward: bool) -> None:
+    """One pass. With ``backward``, the explained logits (the true or generated next tokens) seed
+    the backward pass with their own value, lxt's convention (relevance at the output = logit)."""
+    with torch.set_grad_enabled(backward):
+        embeds = model.get_input_embeddings()(batch.input_ids)
+        if backward:
+            embeds.requires_grad_(True)
+        hidden = model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+        if not backward:
+            return
+        # only the explained logits: h_t · W[y_{t+1}], no full-vocabulary logits
+        where = batch.target_mask[:, 1:] & (batch.sample_weight[:, None] > 0)
+        h = hidden[:, :-1][where]
+        logits = (h * model.get_output_embeddings().weight[batch.input_ids[:, 1:][where]]).sum(-1)
+        logits.backward(logits.detach())
+
+
+class _Interrupt:
+    """Turns SIGTERM (SLURM's warning signal) into a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_key(loaded: LoadedModel, source: TextSource, callbacks, seq_len: int, batch_size: int, world: int) -> str:
+    parts = [fingerprint(loaded.model), source.name, seq_len, batch_size, world, [c.method for c in callbacks]]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def attribute_set(fabric, loaded: LoadedModel, source: TextSource, callbacks: list[AttributionCallback], *,
+                  seq_len: int, batch_size: int, max_new_tokens: int = 20, checkpoint_dir: Path | None = None,
+                  checkpoint_every: int = 50, tag: str = "attribution") -> dict[str, NeuronScores]:
+    """Attribute one reference set with every callback; returns the reduced scores on every rank."""
+    model = loaded.model
+    samples, continuations = prepare_samples(fabric, loaded, source, seq_len, max_new_tokens, batch_size)
+    batches = shard_batches(len(samples), fabric.global_rank, fabric.world_size, batch_size)
+    key = run_key(loaded, source, callbacks, seq_len, batch_size, fabric.world_size)
+    ckpt = checkpoint_dir / f"{tag}.rank{fabric.global_rank}.pt" if checkpoint_dir else None
+    backward = any(c.needs_backward for c in callbacks)
+    pad_id = loaded.tokenizer.pad_token_id
+
+    fabric.call("on_attribution_start", model=model)
+    start, counts = 0, torch.zeros(2, dtype=torch.float64, device=fabric.device)  # samples, tokens
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location=fabric.device, weights_only=True)
+        if state["key"] == key:
+            for cb, cb_state in zip(callbacks, state["callbacks"]):
+                cb.load_state_dict(cb_state)
+            start, counts = state["next_batch"], state["counts"].to(fabric.device)
+            log.info("rank %d resumes %s at batch %d/%d from %s", fabric.global_rank, tag, start, len(batches), ckpt)
+
+    def save_checkpoint(next_batch: int) -> None:
+        state = {"key": key, "next_batch": next_batch, "counts": counts.cpu(),
+                 "callbacks": [{k: v.cpu() for k, v in cb.state_dict().items()} for cb in callbacks]}
+        with atomic_path(ckpt) as tmp:
+            torch.save(state, tmp)
+
+    bar = tqdm(total=len(batches), initial=start, desc=f"{tag} [{source.name}]", unit="batch",
+               disable=fabric.global_rank != 0, dynamic_ncols=True)
+    with _Interrupt() as interrupt:
+        for i in range(start, len(batches)):
+            batch = collate(samples, batches[i], pad_id, fabric.device)
+            fabric.call("on_batch_start", batch=batch)
+            with fabric.autocast():
+                forward_backward(model, batch, backward)
+            fabric.call("on_batch_end", fabric=fabric, batch=batch)
+            counts += torch.stack([batch.sample_weight.sum(),
+                                   (batch.attention_mask * batch.sample_weight[:, None]).sum()]).double()
+            bar.update(1)
+            bar.set_postfix(tokens=int(counts[1]))
+            last = i + 1 == len(batches)
+            if ckpt is not None and not last and ((i + 1) % checkpoint_every == 0 or interrupt.requested):
+                save_checkpoint(i + 1)
+            if interrupt.requested and not last:
+                bar.close()
+                raise SparcError(f"interrupted by SIGTERM at batch {i + 1}/{len(batches)}"
+                                 + (f"; checkpoint written to {ckpt}" if ckpt else ""),
+                                 "run the same command again to resume")
+    bar.close()
+    fabric.call("on_attribution_end", model=model)
+
+    for cb in callbacks:
+        cb.reduce(fabric)
+    counts = fabric.all_reduce(counts, reduce_op="sum")
+    samples_n, tokens_n = int(counts[0]), int(counts[1])
+    meta = {"model": loaded.name, "model_fingerprint": fingerprint(model), "data": source.name,
+            "kind": source.kind, "seq_len": seq_len, "batch_size": batch_size, "world_size": fabric.world_size,
+            "precision": str(fabric.strategy.precision.__class__.__name__), "dtype": str(next(model.parameters()).dtype),
+            "version": __version__}
+    if continuations is not None:
+        meta["continuations"] = continuations
+    results = {cb.method: cb.scores(model, samples_n, tokens_n, dict(meta, method=cb.method)) for cb in callbacks}
+    for method, s in results.items():
+        if s.nonfinite:
+            log.warning("%s on %s: %d NaN/Inf neuron contributions were counted and left out of the sums",
+                        method, source.name, s.nonfinite)
+    fabric.barrier()
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
+    return results

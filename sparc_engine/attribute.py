@@ -12,9 +12,8 @@ from callbacks.lrp import LRPAttribution
 from callbacks.monitor import RelevanceMonitor
 from callbacks.wanda import WandaAttribution
 from sparc_engine.data import Embedded, TextSource
-from sparc_engine.engine import FabricArgs, attribute_set, launch, make_fabric
+from sparc_engine.engine import FabricArgs, attribute_set, launch, load_on_rank, make_fabric
 from sparc_engine.errors import SparcError
-from sparc_engine.models import load_model
 from sparc_engine.scores import NeuronScores, check_finite
 
 log = logging.getLogger(__name__)
@@ -92,8 +91,7 @@ def check_seq_len(model, seq_len: int) -> None:
 
 def _main(fabric, data, model_name, callbacks, out_dir, seq_len, batch_size, max_new_tokens, checkpoint_every,
           max_nonfinite_share):
-    dtype = {"bf16-true": "bf16", "16-true": "fp16"}.get(str(fabric._connector._precision_input), "fp32")
-    loaded = load_model(model_name, dtype=dtype, device=str(fabric.device))
+    loaded = load_on_rank(fabric, model_name)
     check_seq_len(loaded.model, seq_len)
     results = attribute_set(fabric, loaded, data, callbacks, seq_len=seq_len, batch_size=batch_size,
                             max_new_tokens=max_new_tokens, checkpoint_dir=out_dir / "checkpoints",

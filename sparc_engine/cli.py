@@ -13,8 +13,10 @@ import warnings
 
 def _commands() -> dict:
     from sparc_engine.attribute import attribute
+    from sparc_engine.commands import evaluate, prune
+    from sparc_engine.experiment import run
 
-    return {"attribute": attribute}
+    return {"attribute": attribute, "prune": prune, "evaluate": evaluate, "run": run}
 
 
 def _quiet_libraries() -> None:
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparc_engine.errors import SparcError
 
     try:
-        CLI(_commands(), args=argv, parser_class=ArgumentParser, exit_on_error=False,
+        CLI(_commands(), args=argv, parser_class=ArgumentParser, exit_on_error=False, as_positional=False,
             description="SparC³: find and prune the Llama neurons that drive an unwanted behaviour.")
     except SparcError as e:
         if debug:

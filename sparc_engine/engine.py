@@ -26,7 +26,7 @@ from sparc_engine.atomic import atomic_path
 from sparc_engine.data import TextSource
 from sparc_engine.errors import SparcError
 from sparc_engine.generation import continue_prompts
-from sparc_engine.models import LoadedModel, fingerprint
+from sparc_engine.models import LoadedModel, fingerprint, load_model
 from sparc_engine.scores import NeuronScores
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ class FabricArgs:
 
     accelerator: str = "auto"
     """``cpu``, ``cuda``/``gpu`` or ``auto``."""
-    devices: int | str = 1
-    """Processes (GPUs) per node."""
+    devices: int | str = "auto"
+    """Processes (GPUs) per node; ``auto``: every visible GPU, or one CPU process."""
     num_nodes: int = 1
     """Nodes; under SLURM Fabric reads ranks from the environment."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -72,10 +72,19 @@ def make_fabric(args: FabricArgs, callbacks=(), loggers=()):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
         strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type="full")
-    elif strategy == "ddp" and not _wants_gpu(args.accelerator):
-        strategy = "ddp"  # gloo on CPU
+    from lightning.fabric.connector import _is_using_cli
+
+    # under `fabric run` the launcher's --precision (LT_PRECISION) wins unless the config sets one
+    precision = args.precision if _is_using_cli() else args.resolved_precision()
     return Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
-                  precision=args.resolved_precision(), callbacks=list(callbacks), loggers=list(loggers))
+                  precision=precision, callbacks=list(callbacks), loggers=list(loggers))
+
+
+def load_on_rank(fabric, name: str) -> LoadedModel:
+    """The model in the dtype of Fabric's precision (``bf16-true`` → bf16, ``16-true`` → fp16), on this rank's device."""
+    precision = str(fabric._connector._precision_input)
+    dtype = {"bf16-true": "bf16", "16-true": "fp16"}.get(precision, "fp32")
+    return load_model(name, dtype=dtype, device=str(fabric.device))
 
 
 def launch(fabric, fn, *args):

@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sparc attribute --config configs/attribute-embedded.yaml --out_dir $(OUT) --overwrite true
-	@echo "scores written to $(OUT)"
+	$(BIN)/sparc run --config configs/demo.yaml --out_dir $(OUT) --overwrite true
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

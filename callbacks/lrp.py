@@ -7,6 +7,8 @@ of the per-weight relevance ``w_ji · ∂/∂w_ji`` (DESIGN.md §1): exact, with
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from callbacks.base import AttributionCallback, Batch, NeuronHooks
@@ -18,16 +20,19 @@ class LRPAttribution(AttributionCallback):
     method = "lrp"
     needs_backward = True
 
-    def __init__(self, per_weight: bool = False):
+    def __init__(self, per_weight: bool = False, target: Literal["logit", "logprob"] = "logit"):
         """Signed LRP relevance per up_proj neuron, summed over samples.
 
         Args:
+            target: what is explained at each target position: ``logit`` (lxt's convention, the
+                paper's) or ``logprob`` (log p of the token: also what the neuron does to competing
+                tokens; needs full-vocabulary logits at the target positions).
             per_weight: instead, sum |w ⊙ ∇w| over each up_proj row (the seed project's form). Needs
                 up_proj weight gradients (more memory); the absolute value is taken per batch, so use
                 batch_size 1 for per-sample absolute values.
         """
-        self.per_weight = per_weight
-        self.method = "lrp-per-weight" if per_weight else "lrp"
+        self.per_weight, self.target = per_weight, target
+        self.method = "lrp" + ("-per-weight" if per_weight else "") + ("-logprob" if target == "logprob" else "")
         self.hooks = NeuronHooks()
         self._weights = None
 

@@ -12,7 +12,7 @@ from callbacks.lrp import LRPAttribution
 from callbacks.monitor import RelevanceMonitor
 from callbacks.wanda import WandaAttribution
 from sparc_engine.data import Embedded, TextSource
-from sparc_engine.engine import FabricArgs, attribute_set, launch, load_on_rank, make_fabric
+from sparc_engine.engine import FabricArgs, attribute_set, group_by_target, launch, load_on_rank, make_fabric
 from sparc_engine.errors import SparcError
 from sparc_engine.scores import NeuronScores, check_finite
 
@@ -93,9 +93,12 @@ def _main(fabric, data, model_name, callbacks, out_dir, seq_len, batch_size, max
           max_nonfinite_share):
     loaded = load_on_rank(fabric, model_name)
     check_seq_len(loaded.model, seq_len)
-    results = attribute_set(fabric, loaded, data, callbacks, seq_len=seq_len, batch_size=batch_size,
-                            max_new_tokens=max_new_tokens, checkpoint_dir=out_dir / "checkpoints",
-                            checkpoint_every=checkpoint_every)
+    results, groups = {}, group_by_target(callbacks)
+    for group in groups:  # LRP with different targets needs separate passes, each with its checkpoint
+        tag = "attribution" if len(groups) == 1 else "attribution-" + "-".join(c.method for c in group)
+        results |= attribute_set(fabric, loaded, data, group, seq_len=seq_len, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, checkpoint_dir=out_dir / "checkpoints",
+                                 checkpoint_every=checkpoint_every, tag=tag)
     fabric.call("on_scores", fabric=fabric, scores=results, tag="attribute")
     for s in results.values():
         check_finite(s, max_nonfinite_share)

@@ -9,9 +9,11 @@ its partial sums and position atomically; a rerun with the same arguments contin
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,18 +68,22 @@ def make_fabric(args: FabricArgs, callbacks=(), loggers=()):
     if args.accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
         raise SparcError(f"accelerator={args.accelerator} was asked but no CUDA device is visible",
                          "use accelerator=cpu or run on a GPU node")
-    strategy = args.strategy
-    if strategy == "fsdp":
-        from lightning.fabric.strategies import FSDPStrategy
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-        strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type="full")
+    if args.strategy == "fsdp":
+        # Sharding needs the forward to go through the FSDP root, which the target-logit shortcut in
+        # forward_backward bypasses; refuse rather than silently hold a full replica per rank.
+        raise SparcError("strategy fsdp is not supported yet: every rank would still hold the whole model",
+                         "use strategy auto/ddp (replicas), a shorter seq_len or a larger GPU (docs/memory.md)")
     from lightning.fabric.connector import _is_using_cli
 
-    # under `fabric run` the launcher's --precision (LT_PRECISION) wins unless the config sets one
-    precision = args.precision if _is_using_cli() else args.resolved_precision()
-    return Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
-                  precision=precision, callbacks=list(callbacks), loggers=list(loggers))
+    precision = args.resolved_precision()
+    if _is_using_cli() and args.precision is None and os.environ.get("LT_PRECISION"):
+        precision = None  # the launcher's --precision wins
+    try:
+        return Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+                      strategy=args.strategy, precision=precision, callbacks=list(callbacks), loggers=list(loggers))
+    except (ValueError, RuntimeError) as e:
+        raise SparcError(f"invalid Fabric settings: {' '.join(str(e).split())}",
+                         "make the fabric options agree with the launcher's (fabric run / srun)") from None
 
 
 def load_on_rank(fabric, name: str) -> LoadedModel:
@@ -158,9 +164,11 @@ def collate(samples: list[Sample], indices: list[int], pad_id: int, device) -> B
     return Batch(ids.to(device), attn.to(device), target.to(device), weight.to(device))
 
 
-def forward_backward(model, batch: Batch, backward: bool) -> None:
-    """One pass. With ``backward``, the explained logits (the true or generated next tokens) seed
-    the backward pass with their own value, lxt's convention (relevance at the output = logit)."""
+def forward_backward(model, batch: Batch, backward: bool, target: str = "logit") -> None:
+    """One pass. With ``backward``, the explained outputs (for the true or generated next tokens) seed
+    the backward pass: ``logit`` seeds each target logit with its own value (lxt's convention:
+    relevance at the output = logit); ``logprob`` seeds log p(target) with 1, so relevance also
+    counts what a neuron does to the competing tokens (the loss, not only the logit)."""
     with torch.set_grad_enabled(backward):
         embeds = model.get_input_embeddings()(batch.input_ids)
         if backward:
@@ -168,11 +176,45 @@ def forward_backward(model, batch: Batch, backward: bool) -> None:
         hidden = model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
         if not backward:
             return
-        # only the explained logits: h_t · W[y_{t+1}], no full-vocabulary logits
         where = batch.target_mask[:, 1:] & (batch.sample_weight[:, None] > 0)
-        h = hidden[:, :-1][where]
-        logits = (h * model.get_output_embeddings().weight[batch.input_ids[:, 1:][where]]).sum(-1)
-        logits.backward(logits.detach())
+        h, y = hidden[:, :-1][where], batch.input_ids[:, 1:][where]
+        weight = model.get_output_embeddings().weight
+        if target == "logit":
+            # only the explained logits: h_t · W[y_{t+1}], no full-vocabulary logits
+            logits = (h * weight[y]).sum(-1)
+            logits.backward(logits.detach())
+        else:
+            logp = torch.log_softmax((h @ weight.T).float(), dim=-1).gather(1, y[:, None])
+            logp.backward(torch.ones_like(logp))
+
+
+def _hook_caller(fabric, callbacks: list[AttributionCallback]):
+    """Call a hook on this pass's attribution callbacks and on Fabric's other callbacks (monitors),
+    never on attribution callbacks of another pass. Like ``fabric.call``, each hook receives only
+    the keyword arguments it declares."""
+    targets = list(callbacks) + [c for c in fabric._callbacks if not isinstance(c, AttributionCallback)]
+
+    def call(hook: str, **kwargs) -> None:
+        for cb in targets:
+            method = getattr(cb, hook, None)
+            if callable(method):
+                params = inspect.signature(method).parameters
+                method(**{k: v for k, v in kwargs.items() if k in params})
+
+    return call
+
+
+def group_by_target(callbacks: list[AttributionCallback]) -> list[list[AttributionCallback]]:
+    """Callbacks that can share one pass: those with a backward pass need the same target;
+    forward-only ones join the first group."""
+    groups: dict[str, list] = {}
+    for cb in callbacks:
+        if cb.needs_backward:
+            groups.setdefault(getattr(cb, "target", "logit"), []).append(cb)
+    forward_only = [cb for cb in callbacks if not cb.needs_backward]
+    ordered = list(groups.values()) or [[]]
+    ordered[0] = ordered[0] + forward_only
+    return ordered
 
 
 class _Interrupt:
@@ -198,7 +240,8 @@ class _Interrupt:
 
 
 def run_key(loaded: LoadedModel, source: TextSource, callbacks, seq_len: int, batch_size: int, world: int) -> str:
-    parts = [fingerprint(loaded.model), source.name, seq_len, batch_size, world, [c.method for c in callbacks]]
+    parts = [fingerprint(loaded.model), source.name, seq_len, batch_size, world,
+             [(c.method, getattr(c, "target", None)) for c in callbacks]]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -212,9 +255,15 @@ def attribute_set(fabric, loaded: LoadedModel, source: TextSource, callbacks: li
     key = run_key(loaded, source, callbacks, seq_len, batch_size, fabric.world_size)
     ckpt = checkpoint_dir / f"{tag}.rank{fabric.global_rank}.pt" if checkpoint_dir else None
     backward = any(c.needs_backward for c in callbacks)
+    targets = {getattr(c, "target", "logit") for c in callbacks if c.needs_backward}
+    if len(targets) > 1:
+        raise SparcError(f"callbacks explain different targets ({', '.join(sorted(targets))})",
+                         "run them in separate attributions")
+    target = targets.pop() if targets else "logit"
     pad_id = loaded.tokenizer.pad_token_id
 
-    fabric.call("on_attribution_start", model=model)
+    call = _hook_caller(fabric, callbacks)
+    call("on_attribution_start", model=model)
     start, counts = 0, torch.zeros(2, dtype=torch.float64, device=fabric.device)  # samples, tokens
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location=fabric.device, weights_only=True)
@@ -235,10 +284,10 @@ def attribute_set(fabric, loaded: LoadedModel, source: TextSource, callbacks: li
     with _Interrupt() as interrupt:
         for i in range(start, len(batches)):
             batch = collate(samples, batches[i], pad_id, fabric.device)
-            fabric.call("on_batch_start", batch=batch)
+            call("on_batch_start", batch=batch)
             with fabric.autocast():
-                forward_backward(model, batch, backward)
-            fabric.call("on_batch_end", fabric=fabric, batch=batch)
+                forward_backward(model, batch, backward, target)
+            call("on_batch_end", fabric=fabric, batch=batch)
             counts += torch.stack([batch.sample_weight.sum(),
                                    (batch.attention_mask * batch.sample_weight[:, None]).sum()]).double()
             bar.update(1)
@@ -252,16 +301,16 @@ def attribute_set(fabric, loaded: LoadedModel, source: TextSource, callbacks: li
                                  + (f"; checkpoint written to {ckpt}" if ckpt else ""),
                                  "run the same command again to resume")
     bar.close()
-    fabric.call("on_attribution_end", model=model)
+    call("on_attribution_end", model=model)
 
     for cb in callbacks:
         cb.reduce(fabric)
     counts = fabric.all_reduce(counts, reduce_op="sum")
     samples_n, tokens_n = int(counts[0]), int(counts[1])
     meta = {"model": loaded.name, "model_fingerprint": fingerprint(model), "data": source.name,
-            "kind": source.kind, "seq_len": seq_len, "batch_size": batch_size, "world_size": fabric.world_size,
-            "precision": str(fabric.strategy.precision.__class__.__name__), "dtype": str(next(model.parameters()).dtype),
-            "version": __version__}
+            "kind": source.kind, "target": target, "seq_len": seq_len, "batch_size": batch_size,
+            "world_size": fabric.world_size, "precision": type(fabric.strategy.precision).__name__,
+            "dtype": str(next(model.parameters()).dtype), "version": __version__}
     if continuations is not None:
         meta["continuations"] = continuations
     results = {cb.method: cb.scores(model, samples_n, tokens_n, dict(meta, method=cb.method)) for cb in callbacks}

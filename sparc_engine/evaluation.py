@@ -75,13 +75,16 @@ def _window_nll(model, documents: list[list[int]], windows: list[Window], device
     for row, w in enumerate(windows):
         ids[row, : w.end - w.begin] = torch.tensor(documents[w.doc][w.begin:w.end])
         mask[row, : w.end - w.begin] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    # hidden states, then logits one window at a time: a [batch, seq_len, vocab] tensor would be
+    # GBs for a 128k vocabulary (and dominated the time on CPU)
+    hidden = model.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
     nll = []
     for row, w in enumerate(windows):
-        # logits at position p predict token p + 1
-        predicting = logits[row, w.first_target - w.begin - 1: w.end - w.begin - 1].float()
+        # position p predicts token p + 1
+        predicting = head(hidden[row, w.first_target - w.begin - 1: w.end - w.begin - 1]).float()
         targets = ids[row, w.first_target - w.begin: w.end - w.begin].to(device)
-        nll.append(-predicting.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1))
+        nll.append(torch.nn.functional.cross_entropy(predicting, targets, reduction="none"))
     # fp64 on the CPU: exact sums over millions of tokens, and backends without fp64 (mps) still work
     return torch.cat(nll).to("cpu", torch.float64)
 
@@ -91,7 +94,8 @@ def perplexity(model, documents: list[list[int]], seq_len: int, stride: int | No
     """Token-level perplexity exp(Σ NLL / tokens) over windows of ``seq_len`` tokens of each document.
 
     Args:
-        model: a causal LM returning ``.logits``; it runs where its parameters are.
+        model: a Llama-style causal LM (``model.model`` and output embeddings); it runs where its
+            parameters are.
         documents: token ids of whole documents (``TextSource.documents(tokenizer)``).
         seq_len: tokens per window (the model's context for scoring).
         stride: tokens between window starts; ``None`` means ``seq_len`` (non-overlapping windows).

@@ -18,7 +18,7 @@ from callbacks.wanda import WandaAttribution
 from sparc_engine.attribute import check_seq_len, scores_path
 from sparc_engine.commands import EvalSettings, evaluate_loaded, refuse_existing
 from sparc_engine.data import Embedded, TextSource
-from sparc_engine.engine import FabricArgs, attribute_set, launch, load_on_rank, make_fabric
+from sparc_engine.engine import FabricArgs, attribute_set, group_by_target, launch, load_on_rank, make_fabric
 from sparc_engine.errors import SparcError
 from sparc_engine.models import fingerprint
 from sparc_engine.pruning import Pruned, Selection, differential, random_neurons, select, write_neurons
@@ -56,7 +56,8 @@ def run(
         model: the model (as for ``sparc attribute``).
         general: reference set of general text.
         toxic: reference set of toxic prompts (the model's own continuations are explained).
-        callbacks: attribution methods; default LRP and Wanda.
+        callbacks: attribution methods; default LRP explaining log p (chosen on the validation
+            split, see README) and Wanda.
         k: default number of neurons to prune (the report's bar is checked here).
         sweep: further K values evaluated per method (plots against K).
         selection: differential options of the targeted variant; the paper's plain formula is always
@@ -71,10 +72,10 @@ def run(
         max_new_tokens: length of the explained continuation of toxic prompts.
         fabric: accelerator, devices, nodes, strategy, precision for attribution.
         max_nonfinite_share: fail when more NaN/Inf relevance than this share.
-        out_dir: results; scores already there (same model and data) are reused.
+        out_dir: results; scores already there (same model, data and seq_len) are reused.
         overwrite: replace a finished run in ``out_dir``.
     """
-    callbacks = list(callbacks) if callbacks else [LRPAttribution(), WandaAttribution()]
+    callbacks = list(callbacks) if callbacks else [LRPAttribution(target="logprob"), WandaAttribution()]
     if (Path(out_dir) / "metrics.json").exists():
         refuse_existing(Path(out_dir) / "metrics.json", overwrite)
     ks = sorted(set(sweep) | {k})
@@ -98,14 +99,17 @@ def _attribute(fabric, loaded, source, callbacks, tag, a) -> dict[str, NeuronSco
     """Scores of one set, reused from ``out_dir/scores/<tag>`` when they match model and data."""
     out = Path(a["out_dir"]) / "scores" / tag
     paths = {c.method: scores_path(out, c.method) for c in callbacks}
-    if all(p.exists() for p in paths.values()) and not a["overwrite"]:
+    want = {"model_fingerprint": fingerprint(loaded.model), "data": source.name, "seq_len": a["seq_len"]}
+    if all(p.exists() for p in paths.values()):
         cached = {m: NeuronScores.load(p) for m, p in paths.items()}
-        if all(s.meta.get("model_fingerprint") == fingerprint(loaded.model) and s.meta.get("data") == source.name
-               for s in cached.values()):
-            log.info("reusing %s scores from %s", tag, out)
+        if all(all(s.meta.get(key) == value for key, value in want.items()) for s in cached.values()):
+            log.info("reusing %s scores from %s (same model, data and seq_len)", tag, out)
             return cached
-    results = attribute_set(fabric, loaded, source, callbacks, seq_len=a["seq_len"], batch_size=a["batch_size"],
-                            max_new_tokens=a["max_new_tokens"], checkpoint_dir=out / "checkpoints", tag=tag)
+    results = {}
+    for group in group_by_target(callbacks):  # LRP with different targets needs separate passes
+        results |= attribute_set(fabric, loaded, source, group, seq_len=a["seq_len"], batch_size=a["batch_size"],
+                                 max_new_tokens=a["max_new_tokens"], checkpoint_dir=out / "checkpoints",
+                                 tag=f"{tag}-{'-'.join(c.method for c in group)}")
     fabric.call("on_scores", fabric=fabric, scores=results, tag=tag)
     for s in results.values():
         check_finite(s, a["max_nonfinite_share"])

@@ -80,7 +80,7 @@ def embedded_model_dir() -> Path:
 
     gguf = embedded_gguf_path()
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -108,7 +108,7 @@ class LoadedModel:
 
 
 def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu", lrp: bool = True,
-               attn_implementation: str = "eager") -> LoadedModel:
+               attn_implementation: str = "sdpa") -> LoadedModel:
     """Load a Llama-style causal LM and its tokenizer.
 
     Args:
@@ -117,7 +117,9 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu", l
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp16`` or ``fp32``.
         device: where the weights go.
         lrp: apply lxt's LRP patches before building the model.
-        attn_implementation: transformers attention backend; lxt patches all of them.
+        attn_implementation: transformers attention backend; lxt patches all of them, and ``sdpa``
+            gives the same relevance as ``eager`` (checked: 6e-7 relative) without storing the
+            attention matrix for the backward pass.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,7 +132,7 @@ def load_model(name: str = EMBEDDED, dtype: str = "auto", device: str = "cpu", l
         source, kwargs = _resolve(name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch_dtype,
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                          attn_implementation=attn_implementation, **kwargs)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -172,8 +174,9 @@ def _random_model(shape: str, torch_dtype: torch.dtype, attn_implementation: str
     dims = dict(vocab_size=len(tokenizer)) | RANDOM_SHAPES[shape]
     config = LlamaConfig(**dims, attn_implementation=attn_implementation, tie_word_embeddings=False)
     torch.manual_seed(0)
+    # built directly in the target dtype (an 8B model in fp32 would be a 30 GiB transient)
     with torch.device("cuda" if torch.cuda.is_available() and shape == "llama3-8b" else "cpu"):
-        model = LlamaForCausalLM(config).to(torch_dtype)
+        model = LlamaForCausalLM._from_config(config, torch_dtype=torch_dtype)
     return model, tokenizer
 
 

@@ -30,7 +30,7 @@ class Selection:
     normalize: Normalize = "l1"
     """Scale each set's mean scores before the difference: ``none`` (paper), ``l1`` (unit total |score|)
     or ``max`` (unit largest |score|)."""
-    protect_general: float = 0.1
+    protect_general: float = 0.2
     """Never prune the neurons in this top fraction of general |score| (0 = paper)."""
 
     @classmethod

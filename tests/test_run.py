@@ -17,7 +17,7 @@ def test_run_writes_report_metrics_plots_and_neurons(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     rows = metrics["rows"]
     kinds = {(r["method"], r["kind"], r["k"]) for r in rows}
-    for method in ("lrp", "wanda"):
+    for method in ("lrp-logprob", "wanda"):  # run's default methods
         assert {(method, "targeted", k) for k in (3, 5, 10)} <= kinds
         assert (method, "paper", 5) in kinds
         assert set(metrics["bar"]) >= {method, f"{method} (paper)"}

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.attribution`` times the attribution and evaluation passes."""

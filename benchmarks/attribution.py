@@ -1,0 +1,632 @@
+"""Cost of each attribution and evaluation pass, on the same batches of the same model.
+
+    python -m benchmarks.attribution                    # embedded SmolLM2-135M on the CPU
+    python -m benchmarks.attribution --model random:llama3-8b --device cuda --dtype bf16 --out bench.json
+
+Attribution passes, on the same collated batches of ``Embedded("general", "attribution")``:
+
+- ``forward``: ``forward_backward(backward=False)``, which stops at the last hidden state (all Wanda
+  needs); the reference of every ratio.
+- ``forward_logits``: ``model(...).logits`` with full-vocabulary logits, as perplexity runs it.
+- ``forward_backward``: ``forward_backward(backward=True)`` with no hook registered: the engine's LRP
+  pass minus the callback's accumulation. lxt patches transformers' classes for the whole process,
+  so the same pass without its rules cannot run beside it.
+- ``lrp``: the same with ``LRPAttribution``'s hooks, called as the engine calls them.
+- ``wanda``: ``forward`` with ``WandaAttribution``'s hooks.
+
+Evaluation passes: generated tokens/s of ``continue_prompts`` (sampled, top-p 0.9) on toxic prompts,
+batched and one sequence at a time; scored tokens/s of ``perplexity``, batched and one window at a time.
+
+Timing: a pass runs its first batch ``warmup`` times, then all its batches ``repeats`` times; a
+repeat's seconds per batch is its wall time (CUDA synchronised) over its batches, reported as min and
+median over repeats. Ratios compare seconds per token with ``forward``'s.
+
+Memory: on CPU every pass runs in a fresh process (forked from a server that has only imported the
+libraries). Its peak is that process's RSS high-water (``getrusage`` ``ru_maxrss``: the libraries'
+touched pages and the model included); the pass's own share is the peak minus the RSS just before the
+warm-up. When loading the model left a higher high-water than the
+pass reached, the pass's peak is hidden and ``load_dominates`` says so. On CUDA the passes share one
+process and the peak is ``torch.cuda.max_memory_allocated`` after a reset.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from sparc_engine.errors import SparcError
+
+ATTRIBUTION_PASSES = ("forward", "forward_logits", "forward_backward", "lrp", "wanda")
+EVALUATION_PASSES = ("generate_batched", "generate_unbatched", "perplexity_batched", "perplexity_unbatched")
+PASSES = ATTRIBUTION_PASSES + EVALUATION_PASSES
+# most seconds per token of a pass relative to `forward` (the attribution cost a method may add)
+TARGETS = {"lrp": 2.5, "wanda": 1.2}
+MIB = 2**20
+
+DESCRIPTIONS = {
+    "forward": "forward_backward(backward=False): to the last hidden state, no grad",
+    "forward_logits": "model(...).logits: full-vocabulary logits, no grad",
+    "forward_backward": "forward_backward(backward=True), no hooks: LRP minus accumulation",
+    "lrp": "LRPAttribution hooks + forward_backward(backward=True)",
+    "wanda": "WandaAttribution hooks + forward_backward(backward=False)",
+    "generate_batched": "continue_prompts, sampled; batch = one generate call",
+    "generate_unbatched": "continue_prompts, sampled, one sequence per call",
+    "perplexity_batched": "perplexity; batch = one forward of ppl_batch_size windows",
+    "perplexity_unbatched": "perplexity, one window per forward",
+}
+
+
+@dataclass
+class Settings:
+    """What ``benchmark`` runs; see its docstring for each field."""
+
+    model: str
+    device: str
+    dtype: str
+    seq_len: int
+    batch_size: int
+    batches: int
+    repeats: int
+    warmup: int
+    prompts: int
+    continuations: int
+    gen_batch_size: int
+    unbatched_sequences: int
+    max_new_tokens: int
+    ppl_windows: int
+    ppl_batch_size: int
+    passes: tuple[str, ...]
+    isolate: bool
+    progress: bool
+
+    def __post_init__(self):
+        positive = ("seq_len", "batch_size", "batches", "repeats", "prompts", "continuations", "gen_batch_size",
+                    "unbatched_sequences", "max_new_tokens", "ppl_windows", "ppl_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SparcError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise SparcError(f"--seq_len must be at least 2 tokens, got {self.seq_len}")
+        if self.warmup < 0:
+            raise SparcError(f"--warmup must be >= 0, got {self.warmup}")
+        unknown = [p for p in self.passes if p not in PASSES]
+        if unknown:
+            raise SparcError(f"unknown pass {unknown[0]!r} in --passes", f"choose from {', '.join(PASSES)}")
+
+
+def benchmark(
+    model: str = "embedded",
+    device: str = "cpu",
+    dtype: str = "auto",
+    seq_len: int = 128,
+    batch_size: int = 4,
+    batches: int = 2,
+    repeats: int = 3,
+    warmup: int = 1,
+    prompts: int = 8,
+    continuations: int = 4,
+    gen_batch_size: int = 32,
+    unbatched_sequences: int = 4,
+    max_new_tokens: int = 20,
+    ppl_windows: int = 8,
+    ppl_batch_size: int = 8,
+    passes: list[str] | None = None,
+    isolate: bool | None = None,
+    out: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Time forward, forward+backward, LRP and Wanda passes on the same batches, and batched vs
+    unbatched generation and perplexity; print a table and optionally write JSON.
+
+    Args:
+        model: ``embedded`` (SmolLM2-135M), a hub id, a local directory, a ``.gguf`` file or
+            ``random:<shape>`` (``tiny``, ``smollm2-135m``, ``llama3-8b``: randomly initialised).
+        device: ``cpu`` or ``cuda``.
+        dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16``, ``fp16`` or ``fp32``.
+        seq_len: tokens per attribution sample and per perplexity window (texts are cut to it).
+        batch_size: samples per attribution batch.
+        batches: attribution batches per repeat (the first ``batches × batch_size`` samples).
+        repeats: timed repeats of every pass (min and median are reported).
+        warmup: untimed runs of each pass's first batch before the repeats.
+        prompts: toxic prompts (``Embedded("toxic", "validation")``) for the generation passes.
+        continuations: sampled continuations per prompt (as toxicity's ``k``); ``prompts ×
+            continuations`` sequences in the batched generation pass.
+        gen_batch_size: sequences per ``generate`` call in the batched generation pass.
+        unbatched_sequences: the first this many of those sequences, one per call, in the unbatched
+            generation pass (one at a time is slow; tokens/s is what is compared).
+        max_new_tokens: tokens generated per sequence (fewer where EOS comes first; only the tokens
+            returned are counted).
+        ppl_windows: perplexity windows (documents of ``Embedded("general", "validation")`` cut to
+            ``seq_len``) per repeat.
+        ppl_batch_size: windows per forward in the batched perplexity pass (the unbatched one uses 1).
+        passes: which passes to run (default all); ``forward`` is always added, as every ratio needs it.
+        isolate: run each pass in a fresh process, so that its RSS high-water is its own; default true
+            on CPU, false on CUDA (peaks come from ``torch.cuda.max_memory_allocated`` there).
+        out: write the results here as JSON (atomically).
+        progress: show progress bars and a line per finished pass (on stderr).
+
+    Returns:
+        The results written to ``out``: ``settings``, ``environment``, ``model``, ``passes`` (per pass:
+        seconds per batch min/median, tokens/s, seconds per 1k tokens, ratio to forward, memory),
+        ``targets``, ``speedups`` and ``accumulators``.
+    """
+    import torch
+
+    chosen = tuple(dict.fromkeys(["forward", *(passes or PASSES)]))
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SparcError(f"unknown --device {device!r}", "use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SparcError(f"--device {device} was asked but no CUDA device is visible", "use --device cpu")
+    settings = Settings(model, device, dtype, seq_len, batch_size, batches, repeats, warmup, prompts, continuations,
+                        gen_batch_size, unbatched_sequences, max_new_tokens, ppl_windows, ppl_batch_size, chosen,
+                        not device.startswith("cuda") if isolate is None else isolate, progress)
+    environment = _environment(settings)
+    started = time.perf_counter()
+    results = {}
+    if settings.isolate:
+        for n, name in enumerate(settings.passes, 1):
+            results[name] = _in_fresh_process(settings, name)
+            _report_progress(settings, n, name, results)
+    else:
+        context = _Context(settings)
+        for n, name in enumerate(settings.passes, 1):
+            results[name] = run_pass(context, name)
+            _report_progress(settings, n, name, results)
+    environment["wall_s"] = round(time.perf_counter() - started, 1)
+    environment["load_average_after"] = _load_average()
+    report = _summarise(settings, environment, results)
+    print(format_table(report))
+    if out is not None:
+        from sparc_engine.atomic import write_json
+
+        write_json(out, report)
+        print(f"wrote {out}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------ the passes
+
+class _Context:
+    """The model and the data every pass of one process shares."""
+
+    def __init__(self, settings: Settings):
+        from sparc_engine.models import load_model
+
+        self.settings = settings
+        self.loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and settings.seq_len > limit:
+            raise SparcError(f"--seq_len {settings.seq_len} exceeds the model's context of {limit} tokens")
+        self._batches = self._sequences = self._documents = None
+
+    def batches(self):
+        """The attribution batches: the first ``batches × batch_size`` general texts, as the engine collates them."""
+        if self._batches is None:
+            from sparc_engine.data import Embedded
+            from sparc_engine.engine import Sample, collate
+
+            s = self.settings
+            ids = Embedded("general", "attribution").samples(self.tokenizer, s.seq_len)
+            samples = [Sample(x, 1) for x in ids if len(x) > 1]
+            needed = s.batches * s.batch_size
+            if len(samples) < needed:
+                raise SparcError(f"the embedded general set holds {len(samples)} samples, {needed} needed",
+                                 "lower --batches or --batch_size")
+            self._batches = [collate(samples, list(range(i, i + s.batch_size)), self.tokenizer.pad_token_id,
+                                     self.settings.device) for i in range(0, needed, s.batch_size)]
+        return self._batches
+
+    def sequences(self) -> list[list[int]]:
+        """Toxic prompts, each repeated ``continuations`` times (adjacent, as ``toxicity`` does)."""
+        if self._sequences is None:
+            from sparc_engine.data import Embedded
+
+            s = self.settings
+            texts = Embedded("toxic", "validation").texts()
+            if len(texts) < s.prompts:
+                raise SparcError(f"the embedded toxic validation set holds {len(texts)} prompts, {s.prompts} asked",
+                                 "lower --prompts")
+            self._sequences = [self.tokenizer(t).input_ids for t in texts[: s.prompts] for _ in range(s.continuations)]
+        return self._sequences
+
+    def documents(self) -> list[list[int]]:
+        """Perplexity documents cut to ``seq_len`` tokens (one window each), longest first."""
+        if self._documents is None:
+            from sparc_engine.data import Embedded
+
+            docs = [d[: self.settings.seq_len] for d in Embedded("general", "validation").documents(self.tokenizer)]
+            docs = sorted((d for d in docs if len(d) > 1), key=len, reverse=True)[: self.settings.ppl_windows]
+            if len(docs) < self.settings.ppl_windows:
+                raise SparcError(f"the embedded general validation set holds {len(docs)} documents, "
+                                 f"{self.settings.ppl_windows} asked", "lower --ppl_windows")
+            self._documents = docs
+        return self._documents
+
+
+@dataclass
+class Workload:
+    """One pass: ``run(i)`` runs batch ``i`` of ``n`` and returns the tokens it processed."""
+
+    n: int
+    batch: int  # sequences per batch
+    run: Callable[[int], int]
+    end: Callable[[], None] = lambda: None
+    accumulator: dict | None = None
+
+
+def _workload(ctx: _Context, name: str) -> Workload:
+    import torch
+
+    model, s = ctx.model, ctx.settings
+    if name in ATTRIBUTION_PASSES:
+        from callbacks.lrp import LRPAttribution
+        from callbacks.wanda import WandaAttribution
+        from sparc_engine.engine import forward_backward
+
+        batches = ctx.batches()
+        tokens = [int(b.attention_mask.sum()) for b in batches]
+        callback = {"lrp": LRPAttribution, "wanda": WandaAttribution}.get(name)
+        callback = callback() if callback else None
+        backward = name in ("forward_backward", "lrp")
+        accumulator = None
+        if callback is not None:
+            callback.on_attribution_start(model)
+            accumulator = accumulator_size(callback)
+
+        def run(i: int) -> int:
+            batch = batches[i]
+            if name == "forward_logits":
+                with torch.no_grad():
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                return tokens[i]
+            if callback is not None:
+                callback.on_batch_start(batch)
+            forward_backward(model, batch, backward)
+            if callback is not None:
+                callback.on_batch_end(batch)
+            return tokens[i]
+
+        end = (lambda: callback.on_attribution_end(model)) if callback is not None else (lambda: None)
+        return Workload(len(batches), s.batch_size, run, end, accumulator)
+
+    if name.startswith("generate"):
+        from sparc_engine.generation import continue_prompts
+
+        batched = name == "generate_batched"
+        size = s.gen_batch_size if batched else 1
+        sequences = ctx.sequences() if batched else ctx.sequences()[: s.unbatched_sequences]
+        chunks = [sequences[i:i + size] for i in range(0, len(sequences), size)]
+
+        def run(i: int) -> int:
+            out = continue_prompts(model, ctx.tokenizer, chunks[i], max_new_tokens=s.max_new_tokens, do_sample=True,
+                                   top_p=0.9, seed=i, batch_size=size)
+            return sum(len(c) for c in out)
+
+        return Workload(len(chunks), size, run)
+
+    from sparc_engine.evaluation import perplexity
+
+    size = s.ppl_batch_size if name == "perplexity_batched" else 1
+    documents = ctx.documents()
+    chunks = [documents[i:i + size] for i in range(0, len(documents), size)]
+
+    def run(i: int) -> int:
+        return perplexity(model, chunks[i], s.seq_len, batch_size=size, progress=False)["tokens"]
+
+    return Workload(len(chunks), size, run)
+
+
+def accumulator_size(callback) -> dict:
+    """Bytes of a callback's accumulators (its ``state_dict`` tensors): what it holds across batches."""
+    tensors = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+                   "bytes": v.numel() * v.element_size()}
+               for k, v in callback.state_dict().items()}
+    return {"tensors": tensors, "bytes": sum(t["bytes"] for t in tensors.values())}
+
+
+def run_pass(ctx: _Context, name: str) -> dict:
+    """Time one pass (warm-up, then ``repeats`` × all batches) and measure its peak memory."""
+    import torch
+    from tqdm.auto import tqdm
+
+    s = ctx.settings
+    cuda = torch.device(s.device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    work = _workload(ctx, name)
+    memory = _Memory(cuda, fresh_process=s.isolate)
+    bar = tqdm(total=s.warmup + s.repeats * work.n, desc=name, unit="batch", leave=False, disable=not s.progress,
+               dynamic_ncols=True)
+    try:
+        for _ in range(s.warmup):
+            work.run(0)
+            sync()
+            bar.update(1)
+        repeats = []
+        for _ in range(s.repeats):
+            sync()
+            t0 = time.perf_counter()
+            tokens = 0
+            for i in range(work.n):
+                tokens += work.run(i)
+                bar.update(1)
+            sync()
+            repeats.append({"seconds": time.perf_counter() - t0, "tokens": tokens})
+    finally:
+        bar.close()
+        work.end()
+    per_batch = [r["seconds"] / work.n for r in repeats]
+    rates = [r["tokens"] / r["seconds"] for r in repeats]
+    per_1k = [1000 * r["seconds"] / r["tokens"] for r in repeats]
+    result = {
+        "description": DESCRIPTIONS[name],
+        "kind": "attribution" if name in ATTRIBUTION_PASSES else "evaluation",
+        "batches": work.n, "batch_size": work.batch,
+        "tokens_per_repeat": statistics.median(r["tokens"] for r in repeats),
+        "seconds_per_batch": {"min": min(per_batch), "median": statistics.median(per_batch)},
+        "tokens_per_s": {"max": max(rates), "median": statistics.median(rates)},
+        "seconds_per_1k_tokens": {"min": min(per_1k), "median": statistics.median(per_1k)},
+        "repeats": repeats,
+        "memory": memory.result(),
+        "model": _model_info(ctx),
+    }
+    if work.accumulator is not None:
+        result["accumulator"] = work.accumulator
+    return result
+
+
+class _Memory:
+    """Peak memory of one pass, from the moment it is created (just before the warm-up)."""
+
+    def __init__(self, cuda: bool, fresh_process: bool):
+        import torch
+
+        self.cuda, self.fresh = cuda, fresh_process
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            self.before, self.high_water_before = _current_rss(), _rss_high_water()
+
+    def result(self) -> dict:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            return {"method": "torch.cuda.max_memory_allocated after reset_peak_memory_stats",
+                    "peak_mib": peak / MIB, "before_mib": self.before / MIB, "increase_mib": (peak - self.before) / MIB}
+        peak = _rss_high_water()
+        if self.fresh:
+            return {"method": "getrusage ru_maxrss of a fresh process that loaded the model and ran only this pass",
+                    "peak_mib": peak / MIB, "before_mib": self.before / MIB,
+                    "increase_mib": max(0, peak - self.before) / MIB,
+                    "load_dominates": peak <= self.high_water_before}
+        return {"method": "getrusage ru_maxrss growth during this pass in a shared process (a lower bound)",
+                "peak_mib": peak / MIB, "before_mib": self.before / MIB,
+                "increase_mib": max(0, peak - self.high_water_before) / MIB,
+                "load_dominates": peak <= self.high_water_before}
+
+
+def _rss_high_water() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _rss_high_water()
+
+
+def _model_info(ctx: _Context) -> dict:
+    from sparc_engine.models import mlp_layers, model_shape
+
+    model = ctx.model
+    layers, d_ff = model_shape(model)
+    return {"name": ctx.settings.model, "class": type(model).__name__, "layers": layers,
+            "d_model": mlp_layers(model)[0].up_proj.in_features, "d_ff": d_ff,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": ctx.settings.device}
+
+
+# ------------------------------------------------------------------------------------- fresh processes
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _worker(conn, settings: Settings, name: str) -> None:
+    try:
+        _quiet()
+        conn.send(("ok", run_pass(_Context(settings), name)))
+    except SparcError as e:
+        conn.send(("error", str(e)))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent with the traceback's last lines
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
+    finally:
+        conn.close()
+
+
+# imported once by the fork server, so that each pass's process starts in a fraction of a second;
+# importing starts no thread, so forking after it is safe
+_PRELOAD = ["torch", "transformers.models.llama.modeling_llama", "lxt.efficient", "sparc_engine.engine",
+            "sparc_engine.evaluation", "callbacks.lrp", "callbacks.wanda", "tqdm.auto"]
+
+
+def _process_context():
+    """Fresh processes forked from a server that has only imported the libraries (spawned where fork is missing)."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _in_fresh_process(settings: Settings, name: str) -> dict:
+    """Run one pass in a fresh process, so that the RSS high-water is that pass's own."""
+    ctx = _process_context()
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_worker, args=(child, settings, name), name=f"bench-{name}")
+    process.start()
+    child.close()
+    try:
+        status, payload = parent.recv()
+    except EOFError:
+        process.join()
+        raise SparcError(f"the {name} pass died (exit code {process.exitcode}) before reporting",
+                         "lower --batch_size or --seq_len if it ran out of memory") from None
+    process.join()
+    if status != "ok":
+        if "\n" in payload:  # an unexpected exception: show its traceback
+            print(payload, file=sys.stderr)
+        raise SparcError(f"the {name} pass failed: {payload.splitlines()[0]}",
+                         "see the traceback above, or rerun with --isolate false")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _environment(settings: Settings) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_average_before": _load_average()}
+    if settings.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(settings.device))
+    return env
+
+
+def _summarise(settings: Settings, environment: dict, results: dict) -> dict:
+    forward = results["forward"]["seconds_per_1k_tokens"]
+    for r in results.values():
+        per_1k = r["seconds_per_1k_tokens"]
+        r["ratio_to_forward"] = {k: per_1k[k] / forward[k] for k in ("min", "median")}
+    targets = {}
+    for name, limit in TARGETS.items():
+        if name in results:
+            ratio = results[name]["ratio_to_forward"]
+            targets[name] = {"max_ratio_to_forward": limit, "ratio": ratio["median"], "ratio_min": ratio["min"],
+                             "met": ratio["median"] <= limit}
+    speedups = {}
+    for kind in ("generate", "perplexity"):
+        if f"{kind}_batched" in results and f"{kind}_unbatched" in results:
+            speedups[kind] = (results[f"{kind}_batched"]["tokens_per_s"]["median"]
+                              / results[f"{kind}_unbatched"]["tokens_per_s"]["median"])
+    model = next(iter(results.values()))["model"]
+    for r in results.values():
+        r.pop("model", None)
+    accumulators = {name: results[name].pop("accumulator") for name in ("lrp", "wanda")
+                    if name in results and "accumulator" in results[name]}
+    return {"settings": asdict(settings) | {"passes": list(settings.passes)}, "environment": environment,
+            "model": model, "tokens_per_batch": settings.batch_size * settings.seq_len,
+            "passes": results, "targets": targets, "speedups": speedups, "accumulators": accumulators}
+
+
+def _report_progress(settings: Settings, n: int, name: str, results: dict) -> None:
+    if not settings.progress:
+        return
+    r = results[name]
+    ratio = ""
+    if "forward" in results:
+        ratio = f", {r['seconds_per_1k_tokens']['median'] / results['forward']['seconds_per_1k_tokens']['median']:.2f}× forward"
+    print(f"[{n}/{len(settings.passes)}] {name}: {r['seconds_per_batch']['median']:.3f} s/batch (median), "
+          f"{r['tokens_per_s']['median']:.0f} tokens/s{ratio}, peak {r['memory']['peak_mib']:.0f} MiB",
+          file=sys.stderr, flush=True)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < MIB else f"{n / MIB:.1f} MiB"
+
+
+def format_table(report: dict) -> str:
+    """The human-readable summary of a report."""
+    s, m, env = report["settings"], report["model"], report["environment"]
+    lines = [f"{m['name']} ({m['class']}: {m['layers']} layers, d_model {m['d_model']}, d_ff {m['d_ff']}, "
+             f"{m['parameters'] / 1e6:.0f}M parameters) on {m['device']} {m['dtype']}, {env['torch_threads']} threads; "
+             f"{s['batches']} batches of {s['batch_size']} × {s['seq_len']} tokens, {s['repeats']} repeats after "
+             f"{s['warmup']} warm-up; load average {env['load_average_before']} → {env['load_average_after']}",
+             "",
+             f"{'pass':<22}{'s/batch min':>12}{'median':>9}{'tokens/s':>10}{'× forward':>11}{'(min)':>7}"
+             f"{'s/1k tok':>10}{'peak MiB':>10}{'+MiB':>8}  batch"]
+    for name, r in report["passes"].items():
+        mem = r["memory"]
+        lines.append(f"{name:<22}{r['seconds_per_batch']['min']:>12.3f}{r['seconds_per_batch']['median']:>9.3f}"
+                     f"{r['tokens_per_s']['median']:>10.0f}{r['ratio_to_forward']['median']:>11.2f}"
+                     f"{r['ratio_to_forward']['min']:>7.2f}{r['seconds_per_1k_tokens']['median']:>10.3f}"
+                     f"{mem['peak_mib']:>10.0f}{mem['increase_mib']:>8.0f}{'*' if mem.get('load_dominates') else ' '}"
+                     f" {r['batches']}×{r['batch_size']}")
+    lines.append("")
+    for name, t in report["targets"].items():
+        lines.append(f"target {name}: {t['ratio']:.2f}× forward (min-based {t['ratio_min']:.2f}×), "
+                     f"target ≤ {t['max_ratio_to_forward']}× — {'met' if t['met'] else 'NOT met'}")
+    for kind, x in report["speedups"].items():
+        b = report["passes"][f"{kind}_batched"]["batch_size"]
+        lines.append(f"speed-up {kind}: batch {b} vs 1 = {x:.2f}× tokens/s")
+    for name, acc in report["accumulators"].items():
+        parts = ", ".join(f"{k} {'×'.join(map(str, t['shape'])) or 'scalar'} {t['dtype']} = {_bytes(t['bytes'])}"
+                          for k, t in acc["tensors"].items())
+        lines.append(f"accumulators {name}: {parts} (total {acc['bytes']} bytes)")
+    first = next(iter(report["passes"].values()))["memory"]
+    lines.append(f"memory: {first['method']}; +MiB = peak − RSS/allocated before the warm-up"
+                 + ("; * = the load's high-water hid the pass's peak" if any(
+                     r["memory"].get("load_dominates") for r in report["passes"].values()) else ""))
+    lines.append(f"wall time {env['wall_s']} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.attribution [options]``; errors caused by input print one line, exit code 2."""
+    _quiet()
+    from jsonargparse import ArgumentError, ArgumentParser, CLI
+
+    try:
+        CLI(benchmark, args=argv, parser_class=ArgumentParser, exit_on_error=False, as_positional=False)
+    except SparcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ArgumentError as e:
+        print("error: " + " ".join(str(e).split()) + " — see --help", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,21 +17,26 @@ Attribution passes, on the same collated batches of ``Embedded("general", "attri
 Evaluation passes: generated tokens/s of ``continue_prompts`` (sampled, top-p 0.9) on toxic prompts,
 batched and one sequence at a time; scored tokens/s of ``perplexity``, batched and one window at a time.
 
-Timing: a pass runs its first batch ``warmup`` times, then all its batches ``repeats`` times; a
-repeat's seconds per batch is its wall time (CUDA synchronised) over its batches, reported as min and
-median over repeats. Ratios compare seconds per token with ``forward``'s.
+Timing: every pass runs in one process on the same model. Each runs its first batch ``warmup`` times,
+then the passes take turns, ``repeats`` rounds of all their batches each, so that a slow spell of a
+shared machine slows every pass alike. A repeat's seconds per batch is its wall time (CUDA
+synchronised) over its batches, reported as min and median over repeats; ratios compare seconds per
+token with ``forward``'s.
 
-Memory: on CPU every pass runs in a fresh process (forked from a server that has only imported the
-libraries). Its peak is that process's RSS high-water (``getrusage`` ``ru_maxrss``: the libraries'
-touched pages and the model included); the pass's own share is the peak minus the RSS just before the
-warm-up. When loading the model left a higher high-water than the
-pass reached, the pass's peak is hidden and ``load_dominates`` says so. On CUDA the passes share one
-process and the peak is ``torch.cuda.max_memory_allocated`` after a reset.
+Memory: on CPU each pass also runs its first batch twice in a fresh process (forked from a server
+that has only imported the libraries). Its peak is that process's RSS high-water after the first run
+(``getrusage`` ``ru_maxrss``: the libraries' touched pages and the model included); the pass's own
+share is the peak minus the RSS just before it. When loading the model left a higher high-water than
+the batch reached, the batch's peak is hidden and ``load_dominates`` says so. What the second run adds
+to the memory in use is reported per batch (``retained_mib_per_batch``: a leak shows there). RSS
+includes the allocator's slack: the same CPU forward read +83 to +237 MiB in different processes, so
+differences of that size between passes are noise. On CUDA
+the peak is ``torch.cuda.max_memory_allocated`` over the pass's first runs, and the growth of
+``memory_allocated`` over its later runs is the per-batch retention.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import statistics
@@ -40,7 +45,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from sparc_engine.errors import SparcError
 
@@ -50,6 +55,9 @@ PASSES = ATTRIBUTION_PASSES + EVALUATION_PASSES
 # most seconds per token of a pass relative to `forward` (the attribution cost a method may add)
 TARGETS = {"lrp": 2.5, "wanda": 1.2}
 MIB = 2**20
+# memory still in use after a batch, beyond the first, that is reported as a possible leak (RSS wobbles
+# by a few MiB as the allocator keeps or returns freed memory)
+LEAK_MIB = 16
 
 DESCRIPTIONS = {
     "forward": "forward_backward(backward=False): to the last hidden state, no grad",
@@ -106,7 +114,7 @@ def benchmark(
     model: str = "embedded",
     device: str = "cpu",
     dtype: str = "auto",
-    seq_len: int = 128,
+    seq_len: int = 256,
     batch_size: int = 4,
     batches: int = 2,
     repeats: int = 3,
@@ -123,8 +131,10 @@ def benchmark(
     out: Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Time forward, forward+backward, LRP and Wanda passes on the same batches, and batched vs
-    unbatched generation and perplexity; print a table and optionally write JSON.
+    """Time the attribution passes (forward, forward+backward, LRP, Wanda) and the evaluation passes.
+
+    The attribution passes share the same batches of the same model; generation and perplexity run
+    batched and one at a time. Prints a table; writes JSON with ``out``.
 
     Args:
         model: ``embedded`` (SmolLM2-135M), a hub id, a local directory, a ``.gguf`` file or
@@ -148,10 +158,12 @@ def benchmark(
             ``seq_len``) per repeat.
         ppl_batch_size: windows per forward in the batched perplexity pass (the unbatched one uses 1).
         passes: which passes to run (default all); ``forward`` is always added, as every ratio needs it.
-        isolate: run each pass in a fresh process, so that its RSS high-water is its own; default true
-            on CPU, false on CUDA (peaks come from ``torch.cuda.max_memory_allocated`` there).
+        isolate: measure each pass's memory in a fresh process that runs its first batch once, so that
+            the RSS high-water is that pass's own; default true on CPU, false on CUDA (where
+            ``torch.cuda.max_memory_allocated`` is per pass anyway). False on CPU reports only the
+            growth of the shared process's high-water (a lower bound).
         out: write the results here as JSON (atomically).
-        progress: show progress bars and a line per finished pass (on stderr).
+        progress: show a line per memory process and a progress bar of the timing (on stderr).
 
     Returns:
         The results written to ``out``: ``settings``, ``environment``, ``model``, ``passes`` (per pass:
@@ -170,16 +182,17 @@ def benchmark(
                         not device.startswith("cuda") if isolate is None else isolate, progress)
     environment = _environment(settings)
     started = time.perf_counter()
-    results = {}
+    isolated = {}
     if settings.isolate:
         for n, name in enumerate(settings.passes, 1):
-            results[name] = _in_fresh_process(settings, name)
-            _report_progress(settings, n, name, results)
-    else:
-        context = _Context(settings)
-        for n, name in enumerate(settings.passes, 1):
-            results[name] = run_pass(context, name)
-            _report_progress(settings, n, name, results)
+            isolated[name] = _in_fresh_process(settings, name)
+            if progress:
+                mem = isolated[name]["memory"]
+                print(f"memory [{n}/{len(settings.passes)}] {name}: peak {mem['peak_mib']:.0f} MiB, "
+                      f"+{mem['increase_mib']:.0f} MiB over the loaded model", file=sys.stderr, flush=True)
+    results = time_passes(_Context(settings))
+    for name, measured in isolated.items():
+        results[name]["memory"] = measured["memory"]
     environment["wall_s"] = round(time.perf_counter() - started, 1)
     environment["load_average_after"] = _load_average()
     report = _summarise(settings, environment, results)
@@ -207,6 +220,13 @@ class _Context:
         if limit and settings.seq_len > limit:
             raise SparcError(f"--seq_len {settings.seq_len} exceeds the model's context of {limit} tokens")
         self._batches = self._sequences = self._documents = None
+        # weights loaded from safetensors can stay memory-mapped until first read; read them now, so
+        # that the first pass's memory is its own and not the model paging in
+        import torch
+
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.sum()
 
     def batches(self):
         """The attribution batches: the first ``batches × batch_size`` general texts, as the engine collates them."""
@@ -254,11 +274,13 @@ class _Context:
 
 @dataclass
 class Workload:
-    """One pass: ``run(i)`` runs batch ``i`` of ``n`` and returns the tokens it processed."""
+    """One pass: between ``start()`` and ``end()``, ``run(i)`` runs batch ``i`` of ``n`` and returns the
+    tokens it processed."""
 
     n: int
     batch: int  # sequences per batch
     run: Callable[[int], int]
+    start: Callable[[], None] = lambda: None
     end: Callable[[], None] = lambda: None
     accumulator: dict | None = None
 
@@ -277,10 +299,7 @@ def _workload(ctx: _Context, name: str) -> Workload:
         callback = {"lrp": LRPAttribution, "wanda": WandaAttribution}.get(name)
         callback = callback() if callback else None
         backward = name in ("forward_backward", "lrp")
-        accumulator = None
-        if callback is not None:
-            callback.on_attribution_start(model)
-            accumulator = accumulator_size(callback)
+        work = Workload(len(batches), s.batch_size, run=lambda i: 0)
 
         def run(i: int) -> int:
             batch = batches[i]
@@ -295,8 +314,15 @@ def _workload(ctx: _Context, name: str) -> Workload:
                 callback.on_batch_end(batch)
             return tokens[i]
 
-        end = (lambda: callback.on_attribution_end(model)) if callback is not None else (lambda: None)
-        return Workload(len(batches), s.batch_size, run, end, accumulator)
+        work.run = run
+        if callback is not None:
+            # hooks only while this pass runs: the passes take turns on one model
+            def start() -> None:
+                callback.on_attribution_start(model)
+                work.accumulator = accumulator_size(callback)
+
+            work.start, work.end = start, lambda: callback.on_attribution_end(model)
+        return work
 
     if name.startswith("generate"):
         from sparc_engine.generation import continue_prompts
@@ -333,36 +359,64 @@ def accumulator_size(callback) -> dict:
     return {"tensors": tensors, "bytes": sum(t["bytes"] for t in tensors.values())}
 
 
-def run_pass(ctx: _Context, name: str) -> dict:
-    """Time one pass (warm-up, then ``repeats`` × all batches) and measure its peak memory."""
+def _is_cuda(ctx: _Context) -> bool:
+    import torch
+
+    return torch.device(ctx.settings.device).type == "cuda"
+
+
+def time_passes(ctx: _Context) -> dict[str, dict]:
+    """Warm every pass up, then time ``repeats`` rounds in which the passes take turns."""
     import torch
     from tqdm.auto import tqdm
 
     s = ctx.settings
-    cuda = torch.device(s.device).type == "cuda"
+    cuda = _is_cuda(ctx)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    work = _workload(ctx, name)
-    memory = _Memory(cuda, fresh_process=s.isolate)
-    bar = tqdm(total=s.warmup + s.repeats * work.n, desc=name, unit="batch", leave=False, disable=not s.progress,
-               dynamic_ncols=True)
+    works = {name: _workload(ctx, name) for name in s.passes}
+    memory = {name: _Memory(cuda, fresh_process=False) for name in s.passes}
+    repeats: dict[str, list[dict]] = {name: [] for name in s.passes}
+    bar = tqdm(total=sum(s.warmup + s.repeats * w.n for w in works.values()), unit="batch", leave=False,
+               disable=not s.progress, dynamic_ncols=True)
     try:
-        for _ in range(s.warmup):
-            work.run(0)
-            sync()
-            bar.update(1)
-        repeats = []
-        for _ in range(s.repeats):
-            sync()
-            t0 = time.perf_counter()
-            tokens = 0
-            for i in range(work.n):
-                tokens += work.run(i)
-                bar.update(1)
-            sync()
-            repeats.append({"seconds": time.perf_counter() - t0, "tokens": tokens})
+        for name, work in works.items():
+            bar.set_description(f"warm-up {name}")
+            if not s.warmup:
+                continue
+            work.start()
+            try:
+                memory[name].begin()  # the first runs are where a shared process's high-water grows
+                for _ in range(s.warmup):
+                    work.run(0)
+                    sync()
+                    bar.update(1)
+                memory[name].end(batches=s.warmup)
+            finally:
+                work.end()
+        for r in range(s.repeats):
+            for name, work in works.items():
+                bar.set_description(f"repeat {r + 1}/{s.repeats} {name}")
+                work.start()
+                try:
+                    memory[name].begin()
+                    sync()
+                    t0 = time.perf_counter()
+                    tokens = 0
+                    for i in range(work.n):
+                        tokens += work.run(i)
+                        bar.update(1)
+                    sync()
+                    repeats[name].append({"seconds": time.perf_counter() - t0, "tokens": tokens})
+                    memory[name].end(batches=work.n)
+                finally:
+                    work.end()
     finally:
         bar.close()
-        work.end()
+    model = _model_info(ctx)
+    return {name: _timing(name, work, repeats[name], memory[name].result(), model) for name, work in works.items()}
+
+
+def _timing(name: str, work: Workload, repeats: list[dict], memory: dict, model: dict) -> dict:
     per_batch = [r["seconds"] / work.n for r in repeats]
     rates = [r["tokens"] / r["seconds"] for r in repeats]
     per_1k = [1000 * r["seconds"] / r["tokens"] for r in repeats]
@@ -375,46 +429,87 @@ def run_pass(ctx: _Context, name: str) -> dict:
         "tokens_per_s": {"max": max(rates), "median": statistics.median(rates)},
         "seconds_per_1k_tokens": {"min": min(per_1k), "median": statistics.median(per_1k)},
         "repeats": repeats,
-        "memory": memory.result(),
-        "model": _model_info(ctx),
+        "memory": memory,
+        "model": model,
     }
     if work.accumulator is not None:
         result["accumulator"] = work.accumulator
     return result
 
 
+def first_batch_memory(ctx: _Context, name: str) -> dict:
+    """Peak memory of one run of the pass's first batch (every batch has the same shape, the first the
+    longest), and the memory a second run leaves behind (a leak shows there)."""
+    work = _workload(ctx, name)
+    work.start()
+    try:
+        memory = _Memory(_is_cuda(ctx), fresh_process=True)
+        for _ in range(2):
+            memory.begin()
+            work.run(0)
+            memory.end(batches=1)
+    finally:
+        work.end()
+    return {"memory": memory.result(), "accumulator": work.accumulator}
+
+
 class _Memory:
-    """Peak memory of one pass, from the moment it is created (just before the warm-up)."""
+    """Memory of one pass over its blocks of runs, each between ``begin()`` and ``end()``: the peak of
+    the first block, and how much more stays in use after each later batch (what a leak adds)."""
 
     def __init__(self, cuda: bool, fresh_process: bool):
-        import torch
-
         self.cuda, self.fresh = cuda, fresh_process
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        else:
-            self.before, self.high_water_before = _current_rss(), _rss_high_water()
+        self.before = self.high_water_before = self.peak = None
+        self.after: list[int] = []  # in use after each block
+        self.batches: list[int] = []  # batches run in each block
 
-    def result(self) -> dict:
+    def _in_use(self) -> int:
         import torch
 
         if self.cuda:
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            return {"method": "torch.cuda.max_memory_allocated after reset_peak_memory_stats",
-                    "peak_mib": peak / MIB, "before_mib": self.before / MIB, "increase_mib": (peak - self.before) / MIB}
-        peak = _rss_high_water()
-        if self.fresh:
-            return {"method": "getrusage ru_maxrss of a fresh process that loaded the model and ran only this pass",
-                    "peak_mib": peak / MIB, "before_mib": self.before / MIB,
-                    "increase_mib": max(0, peak - self.before) / MIB,
-                    "load_dominates": peak <= self.high_water_before}
-        return {"method": "getrusage ru_maxrss growth during this pass in a shared process (a lower bound)",
-                "peak_mib": peak / MIB, "before_mib": self.before / MIB,
-                "increase_mib": max(0, peak - self.high_water_before) / MIB,
-                "load_dominates": peak <= self.high_water_before}
+            return torch.cuda.memory_allocated()
+        return _current_rss()
+
+    def begin(self) -> None:
+        import torch
+
+        if self.before is not None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.high_water_before = _rss_high_water()
+        self.before = self._in_use()
+
+    def end(self, batches: int) -> None:
+        import torch
+
+        if self.peak is None:
+            self.peak = torch.cuda.max_memory_allocated() if self.cuda else _rss_high_water()
+        self.after.append(self._in_use())
+        self.batches.append(batches)
+
+    def result(self) -> dict:
+        retained = None
+        if len(self.after) > 1 and sum(self.batches[1:]):
+            retained = (self.after[-1] - self.after[0]) / sum(self.batches[1:]) / MIB
+        if self.cuda:
+            method = "torch.cuda.max_memory_allocated over the pass's first runs"
+            increase = self.peak - self.before
+        elif self.fresh:
+            method = ("getrusage ru_maxrss of a fresh process that loaded the model and ran only this pass's "
+                      "first batch")
+            increase = max(0, self.peak - self.before)
+        else:
+            method = "getrusage ru_maxrss growth during this pass in the shared timing process (a lower bound)"
+            increase = max(0, self.peak - self.high_water_before)
+        result = {"method": method, "peak_mib": self.peak / MIB, "before_mib": self.before / MIB,
+                  "increase_mib": increase / MIB, "retained_mib_per_batch": retained}
+        if not self.cuda:
+            result["load_dominates"] = self.peak <= self.high_water_before
+        return result
 
 
 def _rss_high_water() -> int:
@@ -463,7 +558,7 @@ def _quiet() -> None:
 def _worker(conn, settings: Settings, name: str) -> None:
     try:
         _quiet()
-        conn.send(("ok", run_pass(_Context(settings), name)))
+        conn.send(("ok", first_batch_memory(_Context(settings), name)))
     except SparcError as e:
         conn.send(("error", str(e)))
     except BaseException as e:  # noqa: BLE001 - reported by the parent with the traceback's last lines
@@ -557,16 +652,8 @@ def _summarise(settings: Settings, environment: dict, results: dict) -> dict:
             "passes": results, "targets": targets, "speedups": speedups, "accumulators": accumulators}
 
 
-def _report_progress(settings: Settings, n: int, name: str, results: dict) -> None:
-    if not settings.progress:
-        return
-    r = results[name]
-    ratio = ""
-    if "forward" in results:
-        ratio = f", {r['seconds_per_1k_tokens']['median'] / results['forward']['seconds_per_1k_tokens']['median']:.2f}× forward"
-    print(f"[{n}/{len(settings.passes)}] {name}: {r['seconds_per_batch']['median']:.3f} s/batch (median), "
-          f"{r['tokens_per_s']['median']:.0f} tokens/s{ratio}, peak {r['memory']['peak_mib']:.0f} MiB",
-          file=sys.stderr, flush=True)
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 def _bytes(n: int) -> str:
@@ -582,15 +669,19 @@ def format_table(report: dict) -> str:
              f"{s['warmup']} warm-up; load average {env['load_average_before']} → {env['load_average_after']}",
              "",
              f"{'pass':<22}{'s/batch min':>12}{'median':>9}{'tokens/s':>10}{'× forward':>11}{'(min)':>7}"
-             f"{'s/1k tok':>10}{'peak MiB':>10}{'+MiB':>8}  batch"]
+             f"{'s/1k tok':>10}{'peak MiB':>10}{'+MiB':>8}{'kept/batch':>11}  batches"]
     for name, r in report["passes"].items():
         mem = r["memory"]
         lines.append(f"{name:<22}{r['seconds_per_batch']['min']:>12.3f}{r['seconds_per_batch']['median']:>9.3f}"
                      f"{r['tokens_per_s']['median']:>10.0f}{r['ratio_to_forward']['median']:>11.2f}"
                      f"{r['ratio_to_forward']['min']:>7.2f}{r['seconds_per_1k_tokens']['median']:>10.3f}"
                      f"{mem['peak_mib']:>10.0f}{mem['increase_mib']:>8.0f}{'*' if mem.get('load_dominates') else ' '}"
-                     f" {r['batches']}×{r['batch_size']}")
+                     f"{_mib(mem['retained_mib_per_batch']):>10} {r['batches']}×{r['batch_size']}")
     lines.append("")
+    for name, r in report["passes"].items():
+        kept = r["memory"]["retained_mib_per_batch"]
+        if kept is not None and kept > max(LEAK_MIB, 0.05 * r["memory"]["increase_mib"]):
+            lines.append(f"LEAK? {name} keeps {kept:.0f} MiB more in use after every further batch")
     for name, t in report["targets"].items():
         lines.append(f"target {name}: {t['ratio']:.2f}× forward (min-based {t['ratio_min']:.2f}×), "
                      f"target ≤ {t['max_ratio_to_forward']}× — {'met' if t['met'] else 'NOT met'}")
@@ -602,7 +693,8 @@ def format_table(report: dict) -> str:
                           for k, t in acc["tensors"].items())
         lines.append(f"accumulators {name}: {parts} (total {acc['bytes']} bytes)")
     first = next(iter(report["passes"].values()))["memory"]
-    lines.append(f"memory: {first['method']}; +MiB = peak − RSS/allocated before the warm-up"
+    lines.append(f"memory: {first['method']}; +MiB = peak − memory in use just before; kept/batch = growth of the memory in use per "
+                 "further batch (MiB)"
                  + ("; * = the load's high-water hid the pass's peak" if any(
                      r["memory"].get("load_dominates") for r in report["passes"].values()) else ""))
     lines.append(f"wall time {env['wall_s']} s")

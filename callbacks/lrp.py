@@ -53,7 +53,8 @@ class LRPAttribution(AttributionCallback):
 
     def _on_up_proj(self, layer: int, module, inputs, output: torch.Tensor) -> None:
         if output.requires_grad:
-            output.register_hook(lambda grad: self._accumulate(layer, output, grad))
+            z = output.detach()  # the hook must not hold `output` itself: that cycle would outlive the batch
+            output.register_hook(lambda grad: self._accumulate(layer, z, grad))
 
     def _accumulate(self, layer: int, z: torch.Tensor, grad: torch.Tensor) -> None:
         # Σ_t z·ĝ per sample in fp32; pad positions carry zero gradient (right padding, causal model).
@@ -61,13 +62,12 @@ class LRPAttribution(AttributionCallback):
         self._add(layer, per_sample)
 
     def _add(self, layer: int, per_sample: torch.Tensor) -> None:
+        # NaN/Inf are counted and kept out of the sum, never silently zeroed: the run reports and
+        # checks them. No `if` on the tensor: that would make the host wait for the GPU every layer.
         finite = torch.isfinite(per_sample)
         weight = self._weight.to(per_sample.dtype)[:, None]
-        if not bool(finite.all()):
-            # counted and kept out of the sum, never silently zeroed: the run reports and checks them
-            self.nonfinite += (~finite & (weight > 0)).sum()
-            per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
-        self.sums[layer] += (per_sample * weight).sum(0)
+        self.nonfinite += (~finite & (weight > 0)).sum()
+        self.sums[layer] += (torch.where(finite, per_sample, 0.0) * weight).sum(0)
 
     def on_batch_end(self, batch: Batch) -> None:
         if not self.per_weight:

@@ -12,9 +12,10 @@ from callbacks.lrp import LRPAttribution
 from callbacks.monitor import RelevanceMonitor
 from callbacks.wanda import WandaAttribution
 from sparc_engine.data import Embedded, TextSource
-from sparc_engine.engine import FabricArgs, attribute_set, group_by_target, launch, load_on_rank, make_fabric
+from sparc_engine.engine import Continuations, FabricArgs, attribute_set, group_by_target, launch, load_on_rank, make_fabric
 from sparc_engine.errors import SparcError
 from sparc_engine.scores import NeuronScores, check_finite
+from sparc_engine.toxicity import ToxicityScorer
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ def attribute(
     seq_len: int = 256,
     batch_size: int = 4,
     max_new_tokens: int = 20,
+    continuations: Continuations = Continuations(),
+    scorer: ToxicityScorer | None = None,
     fabric: FabricArgs = FabricArgs(),
     checkpoint_every: int = 50,
     max_nonfinite_share: float = 0.0,
@@ -48,6 +51,8 @@ def attribute(
         seq_len: tokens per sample (texts are cut; prompt + continuation must fit).
         batch_size: samples per forward/backward pass on each rank.
         max_new_tokens: length of the model's own continuation explained for prompt sets.
+        continuations: how many continuations per prompt, and whether only toxic ones are explained.
+        scorer: toxicity scorer for ``continuations.keep_threshold``.
         fabric: accelerator, devices, nodes, strategy and precision.
         checkpoint_every: write partial sums every N batches (a rerun resumes from them).
         max_nonfinite_share: fail when more than this share of neuron contributions is NaN/Inf.
@@ -69,8 +74,8 @@ def attribute(
 
         loggers.append(TensorBoardLogger(root_dir=out_dir / "tensorboard", name="", version="attribute"))
     fab = make_fabric(fabric, callbacks=[*callbacks, RelevanceMonitor()], loggers=loggers)
-    return launch(fab, _main, data, model, callbacks, out_dir, seq_len, batch_size, max_new_tokens,
-                  checkpoint_every, max_nonfinite_share)
+    return launch(fab, _main, data, model, callbacks, out_dir, seq_len, batch_size, max_new_tokens, continuations,
+                  scorer, checkpoint_every, max_nonfinite_share)
 
 
 def _check_args(seq_len: int, batch_size: int, max_nonfinite_share: float) -> None:
@@ -89,15 +94,16 @@ def check_seq_len(model, seq_len: int) -> None:
                          f"use seq_len <= {limit}")
 
 
-def _main(fabric, data, model_name, callbacks, out_dir, seq_len, batch_size, max_new_tokens, checkpoint_every,
-          max_nonfinite_share):
+def _main(fabric, data, model_name, callbacks, out_dir, seq_len, batch_size, max_new_tokens, continuations, scorer,
+          checkpoint_every, max_nonfinite_share):
     loaded = load_on_rank(fabric, model_name)
     check_seq_len(loaded.model, seq_len)
     results, groups = {}, group_by_target(callbacks)
     for group in groups:  # LRP with different targets needs separate passes, each with its checkpoint
         tag = "attribution" if len(groups) == 1 else "attribution-" + "-".join(c.method for c in group)
         results |= attribute_set(fabric, loaded, data, group, seq_len=seq_len, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, checkpoint_dir=out_dir / "checkpoints",
+                                 max_new_tokens=max_new_tokens, continuations=continuations, scorer=scorer,
+                                 checkpoint_dir=out_dir / "checkpoints",
                                  checkpoint_every=checkpoint_every, tag=tag)
     fabric.call("on_scores", fabric=fabric, scores=results, tag="attribute")
     for s in results.values():

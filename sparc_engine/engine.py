@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -109,36 +109,49 @@ class Sample:
     first_target: int  # index of the first token whose logit is explained (1 for text)
 
 
+@dataclass
+class Continuations:
+    """What is explained for prompt sets: the model's own continuations of each prompt."""
+
+    samples: int = 1
+    """Continuations per prompt: 1 is the greedy one; more are sampled (top-p, seeded)."""
+    top_p: float = 0.9
+    """Nucleus threshold of sampled continuations."""
+    seed: int = 0
+    """Sampling seed (every rank draws the same continuations)."""
+    keep_threshold: float | None = None
+    """Explain only continuations the scorer rates at least this toxic (None: all): the neurons that
+    drive toxic output, not those that continue a toxic prompt harmlessly."""
+
+
 def prepare_samples(fabric, loaded: LoadedModel, source: TextSource, seq_len: int, max_new_tokens: int,
-                    batch_size: int) -> tuple[list[Sample], list[str] | None]:
-    """Token samples and, for prompts, the model's own greedy continuation (the explained tokens)."""
+                    batch_size: int, continuations: Continuations = Continuations(),
+                    scorer=None) -> tuple[list[Sample], list[str] | None]:
+    """Token samples and, for prompts, the model's own continuations (the explained tokens)."""
     tokenized = source.samples(loaded.tokenizer, seq_len)
     if not tokenized:
         raise SparcError(f"reference set {source.name} is empty", "give a data source with at least one text")
     if source.kind == "text":
         return [Sample(ids, 1) for ids in tokenized if len(ids) > 1], None
-    # prompts: each rank continues its shard, then all ranks share the continuations
-    shard = list(range(fabric.global_rank, len(tokenized), fabric.world_size))
-    conts = continue_prompts(loaded.model, loaded.tokenizer, [tokenized[i] for i in shard], max_new_tokens,
-                             batch_size=batch_size)
-    everything = _gather_objects(fabric, list(zip(shard, conts)))
-    by_index = dict(everything)
-    conts = [by_index[i] for i in range(len(tokenized))]
-    samples = [Sample(p + c[: seq_len - len(p)], len(p)) for p, c in zip(tokenized, conts) if c]
-    if not samples:
-        raise SparcError(f"the model continued none of the prompts of {source.name}",
-                         "check the prompts and max_new_tokens")
-    return samples, [loaded.tokenizer.decode(c) for c in conts]
-
-
-def _gather_objects(fabric, obj: list) -> list:
-    if fabric.world_size == 1:
-        return obj
-    import torch.distributed as dist
-
-    parts = [None] * fabric.world_size
-    dist.all_gather_object(parts, obj)
-    return [x for part in parts for x in part]
+    c = continuations
+    if c.samples < 1:
+        raise SparcError(f"continuations.samples must be at least 1, got {c.samples}")
+    # every rank generates all continuations with the same seed: identical on every rank, nothing to gather
+    prompts = [p for p in tokenized for _ in range(c.samples)]
+    conts = continue_prompts(loaded.model, loaded.tokenizer, prompts, max_new_tokens, do_sample=c.samples > 1,
+                             top_p=c.top_p, seed=c.seed, batch_size=max(batch_size, 16))
+    pairs = [(p, x[: seq_len - len(p)]) for p, x in zip(prompts, conts) if x]
+    if c.keep_threshold is not None:
+        if scorer is None:
+            raise SparcError("continuations.keep_threshold needs a toxicity scorer", "set `scorer`")
+        texts = [loaded.tokenizer.decode(x, skip_special_tokens=True) for _, x in pairs]
+        pairs = [pair for pair, score in zip(pairs, scorer.score(texts)) if score >= c.keep_threshold]
+        log.info("%s: %d of %d continuations rated >= %.2f are explained", source.name, len(pairs), len(prompts),
+                 c.keep_threshold)
+    if not pairs:
+        raise SparcError(f"no continuation of {source.name} is left to explain",
+                         "check max_new_tokens, or lower continuations.keep_threshold / raise continuations.samples")
+    return [Sample(p + x, len(p)) for p, x in pairs], [loaded.tokenizer.decode(x) for _, x in pairs]
 
 
 def shard_batches(n: int, rank: int, world: int, batch_size: int) -> list[list[int]]:
@@ -239,20 +252,23 @@ class _Interrupt:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def run_key(loaded: LoadedModel, source: TextSource, callbacks, seq_len: int, batch_size: int, world: int) -> str:
-    parts = [fingerprint(loaded.model), source.name, seq_len, batch_size, world,
+def run_key(loaded: LoadedModel, source: TextSource, callbacks, seq_len: int, batch_size: int, world: int,
+            continuations: Continuations) -> str:
+    parts = [fingerprint(loaded.model), source.name, seq_len, batch_size, world, str(continuations),
              [(c.method, getattr(c, "target", None)) for c in callbacks]]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 def attribute_set(fabric, loaded: LoadedModel, source: TextSource, callbacks: list[AttributionCallback], *,
-                  seq_len: int, batch_size: int, max_new_tokens: int = 20, checkpoint_dir: Path | None = None,
+                  seq_len: int, batch_size: int, max_new_tokens: int = 20,
+                  continuations: Continuations = Continuations(), scorer=None, checkpoint_dir: Path | None = None,
                   checkpoint_every: int = 50, tag: str = "attribution") -> dict[str, NeuronScores]:
     """Attribute one reference set with every callback; returns the reduced scores on every rank."""
     model = loaded.model
-    samples, continuations = prepare_samples(fabric, loaded, source, seq_len, max_new_tokens, batch_size)
+    samples, explained = prepare_samples(fabric, loaded, source, seq_len, max_new_tokens, batch_size, continuations,
+                                         scorer)
     batches = shard_batches(len(samples), fabric.global_rank, fabric.world_size, batch_size)
-    key = run_key(loaded, source, callbacks, seq_len, batch_size, fabric.world_size)
+    key = run_key(loaded, source, callbacks, seq_len, batch_size, fabric.world_size, continuations)
     ckpt = checkpoint_dir / f"{tag}.rank{fabric.global_rank}.pt" if checkpoint_dir else None
     backward = any(c.needs_backward for c in callbacks)
     targets = {getattr(c, "target", "logit") for c in callbacks if c.needs_backward}
@@ -311,8 +327,9 @@ def attribute_set(fabric, loaded: LoadedModel, source: TextSource, callbacks: li
             "kind": source.kind, "target": target, "seq_len": seq_len, "batch_size": batch_size,
             "world_size": fabric.world_size, "precision": type(fabric.strategy.precision).__name__,
             "dtype": str(next(model.parameters()).dtype), "version": __version__}
-    if continuations is not None:
-        meta["continuations"] = continuations
+    if explained is not None:
+        meta["continuations"] = explained
+        meta["explain"] = asdict(continuations) | {"max_new_tokens": max_new_tokens}
     results = {cb.method: cb.scores(model, samples_n, tokens_n, dict(meta, method=cb.method)) for cb in callbacks}
     for method, s in results.items():
         if s.nonfinite:

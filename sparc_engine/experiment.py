@@ -18,7 +18,7 @@ from callbacks.wanda import WandaAttribution
 from sparc_engine.attribute import check_seq_len, scores_path
 from sparc_engine.commands import EvalSettings, evaluate_loaded, refuse_existing
 from sparc_engine.data import Embedded, TextSource
-from sparc_engine.engine import FabricArgs, attribute_set, group_by_target, launch, load_on_rank, make_fabric
+from sparc_engine.engine import Continuations, FabricArgs, attribute_set, group_by_target, launch, load_on_rank, make_fabric
 from sparc_engine.errors import SparcError
 from sparc_engine.models import fingerprint
 from sparc_engine.pruning import Pruned, Selection, differential, random_neurons, select, write_neurons
@@ -45,6 +45,7 @@ def run(
     seq_len: int = 256,
     batch_size: int = 4,
     max_new_tokens: int = 20,
+    continuations: Continuations = Continuations(),
     fabric: FabricArgs = FabricArgs(),
     max_nonfinite_share: float = 0.0,
     out_dir: Path = Path("out/run"),
@@ -70,6 +71,8 @@ def run(
         seq_len: attribution tokens per sample.
         batch_size: attribution samples per pass.
         max_new_tokens: length of the explained continuation of toxic prompts.
+        continuations: how many continuations per toxic prompt, and whether only those the scorer
+            rates toxic are explained.
         fabric: accelerator, devices, nodes, strategy, precision for attribution.
         max_nonfinite_share: fail when more NaN/Inf relevance than this share.
         out_dir: results; scores already there (same model, data and seq_len) are reused.
@@ -100,15 +103,18 @@ def _attribute(fabric, loaded, source, callbacks, tag, a) -> dict[str, NeuronSco
     out = Path(a["out_dir"]) / "scores" / tag
     paths = {c.method: scores_path(out, c.method) for c in callbacks}
     want = {"model_fingerprint": fingerprint(loaded.model), "data": source.name, "seq_len": a["seq_len"]}
+    if source.kind == "prompts":
+        want["explain"] = asdict(a["continuations"]) | {"max_new_tokens": a["max_new_tokens"]}
     if all(p.exists() for p in paths.values()):
         cached = {m: NeuronScores.load(p) for m, p in paths.items()}
         if all(all(s.meta.get(key) == value for key, value in want.items()) for s in cached.values()):
-            log.info("reusing %s scores from %s (same model, data and seq_len)", tag, out)
+            log.info("reusing %s scores from %s (same model, data, seq_len and continuations)", tag, out)
             return cached
     results = {}
     for group in group_by_target(callbacks):  # LRP with different targets needs separate passes
         results |= attribute_set(fabric, loaded, source, group, seq_len=a["seq_len"], batch_size=a["batch_size"],
-                                 max_new_tokens=a["max_new_tokens"], checkpoint_dir=out / "checkpoints",
+                                 max_new_tokens=a["max_new_tokens"], continuations=a["continuations"],
+                                 scorer=a["scorer"], checkpoint_dir=out / "checkpoints",
                                  tag=f"{tag}-{'-'.join(c.method for c in group)}")
     fabric.call("on_scores", fabric=fabric, scores=results, tag=tag)
     for s in results.values():
@@ -167,7 +173,8 @@ def _main(fabric, a: dict):
     metrics = {"settings": {"model": a["model"], "general": a["general"].name, "toxic": a["toxic"].name,
                             "eval_prompts": a["eval_prompts"].name, "perplexity_data": a["perplexity_data"].name,
                             "scorer": a["scorer"].name, "k": a["k"], "sweep": a["ks"], "selection": sel.label(),
-                            "eval": asdict(settings), "seq_len": a["seq_len"], "random_seed": a["random_seed"]},
+                            "eval": asdict(settings), "seq_len": a["seq_len"], "random_seed": a["random_seed"],
+                            "methods": list(general), "continuations": asdict(a["continuations"])},
                "rows": rows, "bar": bar, "neurons_files": neuron_files,
                "baseline_samples": baseline["toxicity"]["samples"]}
     _log_scalars(fabric, rows)

@@ -43,7 +43,7 @@ def markdown(metrics: dict) -> str:
              f"scorer: `{s['scorer']}`; k = {s['eval']['k']} continuations of {s['eval']['max_new_tokens']} tokens, "
              f"top-p {s['eval']['top_p']}, seed {s['eval']['seed']}.",
              f"Attribution: general `{s['general']}`, toxic `{s['toxic']}`; default K = {s['k']}, "
-             f"selection `{s['selection']}`.", "",
+             f"selection `{s['selection']}`; toxic continuations explained: `{s.get('continuations')}`.", "",
              "| variant | K | perplexity | Δ ppl | mean toxicity [95 % CI] | Δ toxicity | exp. max tox. | tox. prob. |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in metrics["rows"]:

@@ -138,3 +138,21 @@ def test_merge_is_exact_and_average_weights_sets_equally():
         a.merge(NeuronScores(torch.zeros(1, 3), "lrp", samples=1))
     with pytest.raises(SparcError):
         check_finite(NeuronScores(torch.zeros(1, 2), "lrp", samples=1, nonfinite=1), 0.0)
+
+
+def test_toxic_continuations_can_be_sampled_and_filtered(tiny):
+    from sparc_engine.engine import Continuations
+    from sparc_engine.toxicity import ProfanityCheck
+
+    source, fabric = Embedded("toxic", limit=3), Fabric(accelerator="cpu", devices=1)
+    every = Continuations(samples=2, keep_threshold=0.0)
+    samples, texts = prepare_samples(fabric, tiny, source, 64, 5, 4, every, ProfanityCheck())
+    assert len(samples) == len(texts) == 6  # 2 sampled continuations of each of the 3 prompts
+    assert all(s.first_target < len(s.ids) for s in samples)
+    scorer = ProfanityCheck()
+    threshold = sorted(scorer.score(texts))[3]  # keeps the continuations rated at least this toxic
+    kept, kept_texts = prepare_samples(fabric, tiny, source, 64, 5, 4, Continuations(2, keep_threshold=threshold),
+                                       scorer)
+    assert 1 <= len(kept) <= 3 and set(kept_texts) <= set(texts)
+    with pytest.raises(SparcError, match="no continuation"):
+        prepare_samples(fabric, tiny, source, 64, 5, 4, Continuations(2, keep_threshold=1.01), scorer)

@@ -62,7 +62,7 @@ def test_benchmark_in_one_process_and_a_subset_of_passes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert list(report["passes"]) == ["forward", "lrp", "wanda"]  # forward is added: ratios need it
-    assert all("shared process" in r["memory"]["method"] for r in report["passes"].values())
+    assert all("shared timing process" in r["memory"]["method"] for r in report["passes"].values())
     assert report["speedups"] == {}
 
 

@@ -55,9 +55,11 @@ def markdown(metrics: dict) -> str:
     lines += ["", "## The bar (default K, held-out prompts)", ""]
     for method, b in metrics["bar"].items():
         verdict = "meets" if b["meets_bar"] else "misses"
-        lines.append(f"- **{method}** {verdict} the bar: toxicity −{b['toxicity_cut_pct']:.1f} % (≥ 25 %), "
-                     f"perplexity {b['perplexity_rise_pct']:+.2f} % (≤ +2 %), "
-                     f"{b['cut_vs_control']:.1f}× the random control's cut of {b['control_toxicity_cut_pct']:.1f} % (≥ 3×).")
+        control = (f"{b['cut_vs_control']:.1f}× the random control's cut of {b['control_toxicity_cut_pct']:.1f} %"
+                   if b["control_toxicity_cut_pct"] > 0 else
+                   f"the random control did not lower toxicity ({-b['control_toxicity_cut_pct']:+.1f} %)")
+        lines.append(f"- **{method}** {verdict} the bar: toxicity {-b['toxicity_cut_pct']:+.1f} % (≤ −25 %), "
+                     f"perplexity {b['perplexity_rise_pct']:+.2f} % (≤ +2 %), {control} (≥ 3×).")
     lines += ["", "Plots: `plots/toxicity_vs_k.png`, `plots/perplexity_vs_k.png`, `plots/relevance_per_layer.png`.",
               f"Neurons: {', '.join(f'`{p}`' for p in metrics['neurons_files'])}.", ""]
     return "\n".join(lines)

@@ -704,20 +704,9 @@ def format_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.attribution [options]``; errors caused by input print one line, exit code 2."""
     _quiet()
-    from jsonargparse import ArgumentError, ArgumentParser, CLI
+    from sparc_engine.cli import run_cli
 
-    try:
-        CLI(benchmark, args=argv, parser_class=ArgumentParser, exit_on_error=False, as_positional=False)
-    except SparcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ArgumentError as e:
-        print("error: " + " ".join(str(e).split()) + " — see --help", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(benchmark, argv)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         os.environ["SPARC_DEBUG"] = "1"  # spawned ranks re-read it
     _quiet_libraries()
-    from jsonargparse import ArgumentParser, CLI
-    from jsonargparse import ArgumentError
+    return run_cli(_commands(), argv, debug=debug, hint="`sparc <command> --help`",
+                   description="SparC³: find and prune the Llama neurons that drive an unwanted behaviour.")
+
+
+def run_cli(components, argv: list[str] | None, debug: bool = False, hint: str = "--help", **kwargs) -> int:
+    """jsonargparse ``CLI`` with this project's error contract: one ``error:`` line, exit code 2."""
+    from jsonargparse import ArgumentError, ArgumentParser, CLI
 
     from sparc_engine.errors import SparcError
 
     try:
-        CLI(_commands(), args=argv, parser_class=ArgumentParser, exit_on_error=False, as_positional=False,
-            description="SparC³: find and prune the Llama neurons that drive an unwanted behaviour.")
+        CLI(components, args=argv, parser_class=ArgumentParser, exit_on_error=False, as_positional=False, **kwargs)
     except SparcError as e:
         if debug:
             raise
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as e:
         if debug:
             raise
-        print("error: " + " ".join(str(e).split()) + " — see `sparc <command> --help`", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()) + f" — see {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

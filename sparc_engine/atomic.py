@@ -10,6 +10,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from sparc_engine.errors import SparcError
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+    """Outputs are never replaced by accident: an existing one needs ``--overwrite true``."""
+    if Path(path).exists() and not overwrite:
+        raise SparcError(f"{path} already exists", "pass --overwrite true or choose another output path")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:

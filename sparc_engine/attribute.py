@@ -11,9 +11,11 @@ from callbacks.base import AttributionCallback
 from callbacks.lrp import LRPAttribution
 from callbacks.monitor import RelevanceMonitor
 from callbacks.wanda import WandaAttribution
+from sparc_engine.atomic import refuse_existing
 from sparc_engine.data import Embedded, TextSource
-from sparc_engine.engine import Continuations, FabricArgs, attribute_set, group_by_target, launch, load_on_rank, make_fabric
+from sparc_engine.engine import Continuations, FabricArgs, attribute_set, launch, load_on_rank, make_fabric
 from sparc_engine.errors import SparcError
+from sparc_engine.models import check_seq_len
 from sparc_engine.scores import NeuronScores, check_finite
 from sparc_engine.toxicity import ToxicityScorer
 
@@ -65,9 +67,8 @@ def attribute(
         raise SparcError(f"two callbacks share a method name ({', '.join(methods)})", "keep one callback per method")
     _check_args(seq_len, batch_size, max_nonfinite_share)
     out_dir = Path(out_dir)
-    existing = [scores_path(out_dir, m) for m in methods if scores_path(out_dir, m).exists()]
-    if existing and not overwrite:
-        raise SparcError(f"{existing[0]} already exists", "pass --overwrite true or choose another --out_dir")
+    for method in methods:
+        refuse_existing(scores_path(out_dir, method), overwrite)
     loggers = []
     if tensorboard:
         from lightning.fabric.loggers import TensorBoardLogger
@@ -87,24 +88,13 @@ def _check_args(seq_len: int, batch_size: int, max_nonfinite_share: float) -> No
         raise SparcError(f"max_nonfinite_share must be in [0, 1], got {max_nonfinite_share}")
 
 
-def check_seq_len(model, seq_len: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        raise SparcError(f"seq_len {seq_len} exceeds the model's context of {limit} tokens",
-                         f"use seq_len <= {limit}")
-
-
 def _main(fabric, data, model_name, callbacks, out_dir, seq_len, batch_size, max_new_tokens, continuations, scorer,
           checkpoint_every, max_nonfinite_share):
     loaded = load_on_rank(fabric, model_name)
     check_seq_len(loaded.model, seq_len)
-    results, groups = {}, group_by_target(callbacks)
-    for group in groups:  # LRP with different targets needs separate passes, each with its checkpoint
-        tag = "attribution" if len(groups) == 1 else "attribution-" + "-".join(c.method for c in group)
-        results |= attribute_set(fabric, loaded, data, group, seq_len=seq_len, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, continuations=continuations, scorer=scorer,
-                                 checkpoint_dir=out_dir / "checkpoints",
-                                 checkpoint_every=checkpoint_every, tag=tag)
+    results = attribute_set(fabric, loaded, data, callbacks, seq_len=seq_len, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, continuations=continuations, scorer=scorer,
+                            checkpoint_dir=out_dir / "checkpoints", checkpoint_every=checkpoint_every)
     fabric.call("on_scores", fabric=fabric, scores=results, tag="attribute")
     for s in results.values():
         check_finite(s, max_nonfinite_share)

@@ -9,21 +9,16 @@ from pathlib import Path
 import torch
 from jsonargparse import lazy_instance
 
-from sparc_engine.atomic import atomic_dir, write_json
+from sparc_engine.atomic import atomic_dir, refuse_existing, write_json
 from sparc_engine.data import Embedded, TextSource
 from sparc_engine.errors import SparcError
 from sparc_engine.evaluation import perplexity, toxicity
-from sparc_engine.models import load_model
+from sparc_engine.models import check_seq_len, load_model
 from sparc_engine.pruning import Pruned, Selection, differential, read_neurons, select, write_neurons
 from sparc_engine.scores import NeuronScores, average
 from sparc_engine.toxicity import ProfanityCheck, ToxicityScorer
 
 log = logging.getLogger(__name__)
-
-
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    if Path(path).exists() and not overwrite:
-        raise SparcError(f"{path} already exists", "pass --overwrite true or choose another output path")
 
 
 def load_pair(general: list[Path], toxic: list[Path], allow_method_mismatch: bool = False
@@ -166,9 +161,7 @@ def evaluate(
 
         if info["model_fingerprint"] != fingerprint(loaded.model):
             raise SparcError(f"{neurons} was made for another model", "evaluate the model the neurons were chosen on")
-    if settings.seq_len > loaded.model.config.max_position_embeddings:
-        raise SparcError(f"seq_len {settings.seq_len} exceeds the model's context "
-                         f"of {loaded.model.config.max_position_embeddings} tokens")
+    check_seq_len(loaded.model, settings.seq_len)
     documents = perplexity_data.documents(loaded.tokenizer)
     with Pruned(loaded.model, chosen):
         metrics = evaluate_loaded(loaded, documents, prompts.texts(), scorer, settings)

@@ -263,19 +263,33 @@ def attribute_set(fabric, loaded: LoadedModel, source: TextSource, callbacks: li
                   seq_len: int, batch_size: int, max_new_tokens: int = 20,
                   continuations: Continuations = Continuations(), scorer=None, checkpoint_dir: Path | None = None,
                   checkpoint_every: int = 50, tag: str = "attribution") -> dict[str, NeuronScores]:
-    """Attribute one reference set with every callback; returns the reduced scores on every rank."""
-    model = loaded.model
+    """Attribute one reference set with every callback; returns the reduced scores on every rank.
+
+    Callbacks that need different backward targets run in separate passes over the same samples
+    (prepared once), each with its own checkpoint."""
     samples, explained = prepare_samples(fabric, loaded, source, seq_len, max_new_tokens, batch_size, continuations,
                                          scorer)
+    groups = group_by_target(callbacks)
+    results = {}
+    for group in groups:
+        name = tag if len(groups) == 1 else f"{tag}-" + "-".join(c.method for c in group)
+        results |= _attribute_pass(fabric, loaded, source, group, samples, explained, seq_len=seq_len,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens, continuations=continuations,
+                                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, tag=name)
+    return results
+
+
+def _attribute_pass(fabric, loaded: LoadedModel, source: TextSource, callbacks: list[AttributionCallback],
+                    samples: list[Sample], explained: list[str] | None, *, seq_len: int, batch_size: int,
+                    max_new_tokens: int, continuations: Continuations, checkpoint_dir: Path | None,
+                    checkpoint_every: int, tag: str) -> dict[str, NeuronScores]:
+    """One forward (and backward) sweep over the samples for callbacks that share a target."""
+    model = loaded.model
     batches = shard_batches(len(samples), fabric.global_rank, fabric.world_size, batch_size)
     key = run_key(loaded, source, callbacks, seq_len, batch_size, fabric.world_size, continuations)
     ckpt = checkpoint_dir / f"{tag}.rank{fabric.global_rank}.pt" if checkpoint_dir else None
     backward = any(c.needs_backward for c in callbacks)
-    targets = {getattr(c, "target", "logit") for c in callbacks if c.needs_backward}
-    if len(targets) > 1:
-        raise SparcError(f"callbacks explain different targets ({', '.join(sorted(targets))})",
-                         "run them in separate attributions")
-    target = targets.pop() if targets else "logit"
+    target = next((getattr(c, "target", "logit") for c in callbacks if c.needs_backward), "logit")
     pad_id = loaded.tokenizer.pad_token_id
 
     call = _hook_caller(fabric, callbacks)

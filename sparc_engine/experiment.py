@@ -15,12 +15,13 @@ from callbacks.base import AttributionCallback
 from callbacks.lrp import LRPAttribution
 from callbacks.monitor import RelevanceMonitor
 from callbacks.wanda import WandaAttribution
-from sparc_engine.attribute import check_seq_len, scores_path
-from sparc_engine.commands import EvalSettings, evaluate_loaded, refuse_existing
+from sparc_engine.attribute import scores_path
+from sparc_engine.atomic import refuse_existing
+from sparc_engine.commands import EvalSettings, evaluate_loaded
 from sparc_engine.data import Embedded, TextSource
-from sparc_engine.engine import Continuations, FabricArgs, attribute_set, group_by_target, launch, load_on_rank, make_fabric
+from sparc_engine.engine import Continuations, FabricArgs, attribute_set, launch, load_on_rank, make_fabric
 from sparc_engine.errors import SparcError
-from sparc_engine.models import fingerprint
+from sparc_engine.models import check_seq_len, fingerprint
 from sparc_engine.pruning import Pruned, Selection, differential, random_neurons, select, write_neurons
 from sparc_engine.report import bar_check, row_of, write_report
 from sparc_engine.scores import NeuronScores, check_finite
@@ -79,8 +80,7 @@ def run(
         overwrite: replace a finished run in ``out_dir``.
     """
     callbacks = list(callbacks) if callbacks else [LRPAttribution(target="logprob"), WandaAttribution()]
-    if (Path(out_dir) / "metrics.json").exists():
-        refuse_existing(Path(out_dir) / "metrics.json", overwrite)
+    refuse_existing(Path(out_dir) / "metrics.json", overwrite)
     ks = sorted(set(sweep) | {k})
     if min(ks) <= 0:
         raise SparcError(f"K values must be positive, got {ks}")
@@ -110,12 +110,9 @@ def _attribute(fabric, loaded, source, callbacks, tag, a) -> dict[str, NeuronSco
         if all(all(s.meta.get(key) == value for key, value in want.items()) for s in cached.values()):
             log.info("reusing %s scores from %s (same model, data, seq_len and continuations)", tag, out)
             return cached
-    results = {}
-    for group in group_by_target(callbacks):  # LRP with different targets needs separate passes
-        results |= attribute_set(fabric, loaded, source, group, seq_len=a["seq_len"], batch_size=a["batch_size"],
-                                 max_new_tokens=a["max_new_tokens"], continuations=a["continuations"],
-                                 scorer=a["scorer"], checkpoint_dir=out / "checkpoints",
-                                 tag=f"{tag}-{'-'.join(c.method for c in group)}")
+    results = attribute_set(fabric, loaded, source, callbacks, seq_len=a["seq_len"], batch_size=a["batch_size"],
+                            max_new_tokens=a["max_new_tokens"], continuations=a["continuations"], scorer=a["scorer"],
+                            checkpoint_dir=out / "checkpoints", tag=tag)
     fabric.call("on_scores", fabric=fabric, scores=results, tag=tag)
     for s in results.values():
         check_finite(s, a["max_nonfinite_share"])
@@ -166,8 +163,8 @@ def _main(fabric, a: dict):
                  rows[-1]["perplexity"], rows[-1]["perplexity_change_pct"], rows[-1]["mean_toxicity"],
                  rows[-1]["toxicity_change_pct"])
     control = next(r for r in rows if r["kind"] == "random")
-    bar = {m: bar_check(next(r for r in rows if r["method"] == m and r["kind"] == kind and r["k"] == a["k"]), control)
-           for m in general for kind in ("targeted",)}
+    bar = {m: bar_check(next(r for r in rows if r["method"] == m and r["kind"] == "targeted" and r["k"] == a["k"]),
+                        control) for m in general}
     bar |= {f"{m} (paper)": bar_check(next(r for r in rows if r["method"] == m and r["kind"] == "paper"), control)
             for m in general}
     metrics = {"settings": {"model": a["model"], "general": a["general"].name, "toxic": a["toxic"].name,

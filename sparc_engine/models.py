@@ -199,6 +199,14 @@ def check_llama(model: torch.nn.Module, name: str = "model") -> None:
                          "use a Llama-architecture model (Llama, SmolLM2, Mistral-style gated MLP)")
 
 
+def check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
+    """Refuse sequences longer than the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise SparcError(f"seq_len {seq_len} exceeds the model's context of {limit} tokens",
+                         f"use seq_len <= {limit}")
+
+
 def model_shape(model: torch.nn.Module) -> tuple[int, int]:
     """(number of layers, neurons per layer), i.e. the shape of every neuron score tensor."""
     mlps = mlp_layers(model)

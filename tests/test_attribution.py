@@ -156,3 +156,12 @@ def test_toxic_continuations_can_be_sampled_and_filtered(tiny):
     assert 1 <= len(kept) <= 3 and set(kept_texts) <= set(texts)
     with pytest.raises(SparcError, match="no continuation"):
         prepare_samples(fabric, tiny, source, 64, 5, 4, Continuations(2, keep_threshold=1.01), scorer)
+
+
+def test_callbacks_with_different_targets_run_as_separate_passes(tiny):
+    both = run(tiny, [LRPAttribution(), LRPAttribution(target="logprob"), WandaAttribution()])
+    assert set(both) == {"lrp", "lrp-logprob", "wanda"}
+    alone = run(tiny, [LRPAttribution()])["lrp"]
+    torch.testing.assert_close(both["lrp"].values, alone.values, rtol=1e-6, atol=0)
+    assert both["lrp-logprob"].meta["target"] == "logprob" and both["lrp"].meta["target"] == "logit"
+    assert not torch.allclose(both["lrp"].values, both["lrp-logprob"].values)
